@@ -1,0 +1,130 @@
+"""The faust application: topics, the RocksDB state table, and the agent that feeds
+micro-batches to :class:`~streams.processor.BatchProcessor`.
+
+Faust owns what it is good at -- consumer-group membership, rebalancing,
+table partition assignment, changelog recovery, offset commits and the worker
+lifecycle.  Everything per event happens in the processor, once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Sequence
+
+import faust
+
+from models import ProfileModel
+
+from .kafka_config import faust_credentials
+from .metrics import Metrics
+from .processor import BatchProcessor
+from .publish import Publisher
+from .records import SourceRecord
+from .settings import Settings
+from .state_store import TableStateStore
+from .web import register_views
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "user-state"
+
+
+@dataclass
+class ProfileStreamApp:
+    """The wired-up service; ``app`` is what a faust Worker runs."""
+
+    settings: Settings
+    app: faust.App
+    table: faust.Table
+    store: TableStateStore
+    processor: BatchProcessor
+    metrics: Metrics
+    model: ProfileModel
+    health: "AgentHealth"
+
+
+@dataclass
+class AgentHealth:
+    """Set when the agent hits an error it cannot handle (bad input never is one)."""
+
+    error: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+
+def faust_config(settings: Settings) -> dict[str, object]:
+    """faust.App keyword settings derived from ours."""
+    conf: dict[str, object] = dict(
+        broker=[f"kafka://{s}" for s in settings.bootstrap_servers.split(",")],
+        store="rocksdb://",
+        datadir=str(settings.data_dir),
+        topic_partitions=settings.partitions,
+        table_standby_replicas=settings.standby_replicas,
+        web_host=settings.web_host,
+        web_bind=settings.web_host,
+        web_port=settings.web_port,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=max(4096, 2 * settings.batch_max),
+        broker_commit_interval=1.0,
+        producer_linger=0.005,
+        worker_redirect_stdouts=False,
+    )
+    credentials = faust_credentials(settings)
+    if credentials is not None:
+        conf["broker_credentials"] = credentials
+    if settings.embedded_broker:
+        # See kafka_config.py for the end-offset quirk; faust's default group timeouts
+        # make a lone worker wait ~30 s to join the embedded broker's group.
+        conf.update(producer_max_batch_size=1, broker_session_timeout=6.0,
+                    broker_rebalance_timeout=6.0, broker_heartbeat_interval=1.0)
+    return conf
+
+
+def to_source_record(event: faust.types.EventT) -> SourceRecord:
+    msg = event.message
+    return SourceRecord(msg.topic, msg.partition, msg.offset, int(msg.timestamp * 1000), msg.key, msg.value)
+
+
+def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None = None) -> ProfileStreamApp:
+    app = faust.App(settings.app_id, **faust_config(settings))
+    metrics = metrics or Metrics()
+    metrics.set_model_info(version=model.version, fingerprint=model.fingerprint, device=str(model.device))
+    events = app.topic(settings.events_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw", partitions=settings.partitions)
+    table = app.Table(TABLE_NAME, partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                      key_serializer="raw", value_serializer="raw")
+    store = TableStateStore(table)
+    publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic)
+    processor = BatchProcessor(model, store, publisher, metrics)
+    wait_s = settings.batch_wait_ms / 1000.0
+    health = AgentHealth()
+
+    @app.agent(events, name="profile-updater")
+    async def profile_updater(stream: faust.StreamT) -> None:
+        """Micro-batches of raw events -> one processor call each.
+
+        An unexpected error stops the whole worker (SIGTERM to itself: a graceful
+        stop that commits only what was fully processed) instead of letting
+        faust restart the agent on the same batch forever or leave a live
+        process with a dead agent.
+        """
+        try:
+            async for batch in stream.take_events(settings.batch_max, within=wait_s):
+                await processor.process(_records(batch))
+        except Exception as exc:
+            health.error = exc
+            log.critical("profile-updater failed, stopping the worker: %r", exc, exc_info=exc)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
+
+    register_views(app, metrics, lambda: health.alive)
+    return ProfileStreamApp(settings, app, table, store, processor, metrics, model, health)
+
+
+def _records(batch: Sequence[faust.types.EventT]) -> list[SourceRecord]:
+    return [to_source_record(e) for e in batch]

@@ -1,0 +1,84 @@
+"""The last pipeline step: profile messages out, rejected records to the dead-letter topic.
+
+Both go through one producer; the worker's offset commits flush it first, so
+nothing consumed is committed before what it produced is on the broker.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Awaitable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from models.events import EVENT_TYPES
+
+from .validate import Rejection
+
+#: Version of the profile message schema (streams/schemas/profile.schema.json).
+PROFILE_SCHEMA_VERSION = 1
+
+
+class Producer(Protocol):
+    """What the publisher needs from a Kafka producer (faust's satisfies it)."""
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                   timestamp: float | None, headers: Sequence[tuple[str, bytes]] | None
+                   ) -> Awaitable[object]: ...
+
+
+def profile_message(
+    user_id: str, model_version: str, updated_at_ms: int, event_count: int,
+    last_event_timestamp_ms: int, profile: np.ndarray, intent: np.ndarray, top_categories: list[str],
+) -> bytes:
+    """The JSON value of one profile message (schema: streams/schemas/profile.schema.json)."""
+    return json.dumps({
+        "user_id": user_id,
+        "model_version": model_version,
+        "schema_version": PROFILE_SCHEMA_VERSION,
+        "updated_at": updated_at_ms,
+        "event_count": event_count,
+        "last_event_timestamp": last_event_timestamp_ms,
+        "profile": profile.tolist(),
+        "intent": dict(zip(EVENT_TYPES, intent.tolist())),
+        "top_categories": top_categories,
+    }, separators=(",", ":")).encode()
+
+
+def dead_letter_headers(rejection: Rejection) -> list[tuple[str, bytes]]:
+    """Kafka headers carrying why and where from; the value stays the original bytes."""
+    rec = rejection.record
+    return [
+        ("profilestream.dlq.reason", rejection.reason.encode()),
+        ("profilestream.dlq.error", rejection.message.encode("utf-8", "replace")[:1024]),
+        ("profilestream.dlq.topic", rec.topic.encode()),
+        ("profilestream.dlq.partition", str(rec.partition).encode()),
+        ("profilestream.dlq.offset", str(rec.offset).encode()),
+        ("profilestream.dlq.timestamp", str(rec.timestamp_ms).encode()),
+    ]
+
+
+def headers_dict(headers: Sequence[tuple[str, bytes]] | None) -> Mapping[str, str]:
+    """Decode DLQ headers for readers (tests, tools)."""
+    return {k: v.decode("utf-8", "replace") for k, v in (headers or ())}
+
+
+class Publisher:
+    """Sends profiles and dead letters; returns delivery futures without awaiting them."""
+
+    def __init__(self, producer: Producer, profiles_topic: str, dlq_topic: str) -> None:
+        self.producer = producer
+        self.profiles_topic = profiles_topic
+        self.dlq_topic = dlq_topic
+
+    async def profile(self, user_id: str, value: bytes) -> Awaitable[object]:
+        return await self.producer.send(self.profiles_topic, user_id.encode(), value, None, None, None)
+
+    async def tombstone(self, user_id: str) -> Awaitable[object]:
+        """A null value: compaction then forgets the user's profile."""
+        return await self.producer.send(self.profiles_topic, user_id.encode(), None, None, None, None)
+
+    async def dead_letter(self, rejection: Rejection) -> Awaitable[object]:
+        rec = rejection.record
+        return await self.producer.send(self.dlq_topic, rec.key, rec.value, None, None,
+                                        dead_letter_headers(rejection))

@@ -1,0 +1,129 @@
+"""The one typed settings object of the service, read from environment variables.
+
+Every knob lives here with its default, so the README's configuration table,
+the docker-compose file and the code cannot drift apart: ``Settings.describe()``
+is what the README table is generated from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def _env_field(env: str, default: Any, doc: str) -> Any:
+    """A dataclass field that remembers its env var name and documentation."""
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service configuration; build it with :meth:`from_env`."""
+
+    bootstrap_servers: str = _env_field(
+        "KAFKA_BOOTSTRAP_SERVERS", "localhost:9092", "Kafka bootstrap servers, comma separated.")
+    app_id: str = _env_field(
+        "PROFILESTREAM_APP_ID", "profilestream",
+        "Consumer group id and prefix of the state changelog topic.")
+    events_topic: str = _env_field(
+        "PROFILESTREAM_EVENTS_TOPIC", "profilestream.events", "Input topic of website events.")
+    profiles_topic: str = _env_field(
+        "PROFILESTREAM_PROFILES_TOPIC", "profilestream.profiles", "Compacted output topic of profiles.")
+    dlq_topic: str = _env_field(
+        "PROFILESTREAM_DLQ_TOPIC", "profilestream.events.dlq", "Dead-letter topic for invalid events.")
+    partitions: int = _env_field(
+        "PROFILESTREAM_PARTITIONS", 8,
+        "Partitions of the events topic and the state changelog (created if missing).")
+    batch_max: int = _env_field(
+        "PROFILESTREAM_BATCH_MAX", 2000, "Most events in one micro-batch (one model call).")
+    batch_wait_ms: int = _env_field(
+        "PROFILESTREAM_BATCH_WAIT_MS", 50, "Longest wait to fill a micro-batch, in milliseconds.")
+    device: str = _env_field(
+        "PROFILESTREAM_DEVICE", "auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    model_path: str = _env_field(
+        "PROFILESTREAM_MODEL_PATH", "", "Model checkpoint (.pt); empty = the shipped default checkpoint.")
+    data_dir: Path = _env_field(
+        "PROFILESTREAM_DATA_DIR", Path(".profilestream"), "Directory for RocksDB state and faust metadata.")
+    web_host: str = _env_field(
+        "PROFILESTREAM_WEB_HOST", "127.0.0.1",
+        "Bind address of the HTTP server (metrics, health, lookups); 0.0.0.0 in containers.")
+    web_port: int = _env_field(
+        "PROFILESTREAM_WEB_PORT", 6066, "Port of the HTTP server (/metrics, /healthz, /readyz, /users/...).")
+    standby_replicas: int = _env_field(
+        "PROFILESTREAM_STANDBY_REPLICAS", 0, "Faust standby replicas of the state table (warm fail-over).")
+    embedded_broker: bool = _env_field(
+        "PROFILESTREAM_EMBEDDED_BROKER", False,
+        "Apply the embedded (Tansu) broker's workarounds: one record per producer batch, short "
+        "group timeouts. Set automatically by `demo`; never needed against Apache Kafka.")
+    log_level: str = _env_field("PROFILESTREAM_LOG_LEVEL", "info", "Log level of the service.")
+    security_protocol: str = _env_field(
+        "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    sasl_mechanism: str = _env_field(
+        "KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with SASL_*).")
+    sasl_username: str = _env_field("KAFKA_SASL_USERNAME", "", "SASL user name.")
+    sasl_password: str = _env_field("KAFKA_SASL_PASSWORD", "", "SASL password (prefer a mounted secret).")
+    ssl_cafile: str = _env_field("KAFKA_SSL_CAFILE", "", "CA bundle to verify the brokers (SSL, SASL_SSL).")
+    ssl_certfile: str = _env_field("KAFKA_SSL_CERTFILE", "", "Client certificate for mutual TLS.")
+    ssl_keyfile: str = _env_field("KAFKA_SSL_KEYFILE", "", "Client private key for mutual TLS.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read every field from its env var (falling back to the default), then apply overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.default, raw)
+        values.update(overrides)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Fail at start-up, with the variable's name, rather than mid-stream."""
+        problems = []
+        if self.partitions < 1:
+            problems.append("PROFILESTREAM_PARTITIONS must be >= 1")
+        if self.batch_max < 1:
+            problems.append("PROFILESTREAM_BATCH_MAX must be >= 1")
+        if self.batch_wait_ms < 0:
+            problems.append("PROFILESTREAM_BATCH_WAIT_MS must be >= 0")
+        if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            problems.append(f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r} is not supported")
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            problems.append("KAFKA_SASL_MECHANISM is required with a SASL security protocol")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def changelog_topic(self) -> str:
+        """Faust names a table's changelog ``<app id>-<table name>-changelog``."""
+        return f"{self.app_id}-user-state-changelog"
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(env var, default, meaning) rows for the README's configuration table."""
+        return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)]
+
+
+def _parse(name: str, default: Any, raw: str) -> Any:
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected a boolean, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+    if isinstance(default, Path):
+        return Path(raw)
+    return raw

@@ -1,0 +1,44 @@
+"""Start a ProfileStream worker: load the model, make sure the topics exist, run faust."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import faust
+
+from models import ProfileModel, default_checkpoint_path
+
+from .app import ProfileStreamApp, build_app
+from .settings import Settings
+from .topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: Settings) -> ProfileModel:
+    path = settings.model_path or default_checkpoint_path()
+    model = ProfileModel.load(path, device=settings.device)
+    log.info("model %s (fingerprint %s) on %s from %s", model.version, model.fingerprint, model.device, path)
+    return model
+
+
+def run_worker(settings: Settings, customize: Callable[[ProfileStreamApp], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM; ``customize`` may add tasks/timers (the demo does)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # faust runs on this loop too
+    loop.run_until_complete(ensure_topics(settings))
+    service = build_app(settings, load_model(settings))
+    if customize is not None:
+        customize(service)
+    worker = faust.Worker(service.app, loglevel=settings.log_level, loop=loop, quiet=True,
+                          redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise
+    if service.health.error is not None:
+        raise SystemExit(f"worker stopped after a fatal error: {service.health.error!r}")
