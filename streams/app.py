@@ -1,9 +1,10 @@
-"""The faust application: topics, the RocksDB state table, and the agent that feeds
-micro-batches to :class:`~streams.processor.BatchProcessor`.
+"""The faust application: topics, the RocksDB state table, and the batch hook that
+feeds fetched batches of raw events to :class:`~streams.processor.BatchProcessor`.
 
 Faust owns what it is good at -- consumer-group membership, rebalancing,
 table partition assignment, changelog recovery, offset commits and the worker
-lifecycle.  Everything per event happens in the processor, once per batch.
+lifecycle.  Everything per event happens in the processor, once per batch;
+``batch_consumer.py`` explains why records skip faust's per-event stream.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import faust
 
 from models import ProfileModel
 
+from .batch_consumer import install as install_batch_consumer
 from .kafka_config import faust_credentials
 from .metrics import Metrics
+from .monitor import sample
 from .processor import BatchProcessor
 from .publish import Publisher
 from .records import SourceRecord
@@ -43,12 +46,12 @@ class ProfileStreamApp:
     processor: BatchProcessor
     metrics: Metrics
     model: ProfileModel
-    health: "AgentHealth"
+    health: "WorkerHealth"
 
 
 @dataclass
-class AgentHealth:
-    """Set when the agent hits an error it cannot handle (bad input never is one)."""
+class WorkerHealth:
+    """Set when batch processing hits an error it cannot handle (bad input never is one)."""
 
     error: BaseException | None = None
 
@@ -69,7 +72,7 @@ def faust_config(settings: Settings) -> dict[str, object]:
         web_bind=settings.web_host,
         web_port=settings.web_port,
         consumer_auto_offset_reset="earliest",
-        stream_buffer_maxsize=max(4096, 2 * settings.batch_max),
+        broker_max_poll_records=settings.batch_max,
         broker_commit_interval=1.0,
         producer_linger=0.005,
         worker_redirect_stdouts=False,
@@ -85,8 +88,7 @@ def faust_config(settings: Settings) -> dict[str, object]:
     return conf
 
 
-def to_source_record(event: faust.types.EventT) -> SourceRecord:
-    msg = event.message
+def to_source_record(msg: faust.types.Message) -> SourceRecord:
     return SourceRecord(msg.topic, msg.partition, msg.offset, int(msg.timestamp * 1000), msg.key, msg.value)
 
 
@@ -101,30 +103,35 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     store = TableStateStore(table)
     publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic)
     processor = BatchProcessor(model, store, publisher, metrics)
-    wait_s = settings.batch_wait_ms / 1000.0
-    health = AgentHealth()
+    health = WorkerHealth()
 
-    @app.agent(events, name="profile-updater")
-    async def profile_updater(stream: faust.StreamT) -> None:
-        """Micro-batches of raw events -> one processor call each.
+    async def on_batch(messages: Sequence[faust.types.Message]) -> None:
+        """One fetched batch of raw events -> one processor call.
 
         An unexpected error stops the whole worker (SIGTERM to itself: a graceful
-        stop that commits only what was fully processed) instead of letting
-        faust restart the agent on the same batch forever or leave a live
-        process with a dead agent.
+        stop that commits only what was fully processed) rather than leaving a
+        live process that no longer makes progress.  Bad input never gets
+        here as an error: it is dead-lettered by the processor.
         """
         try:
-            async for batch in stream.take_events(settings.batch_max, within=wait_s):
-                await processor.process(_records(batch))
+            await processor.process([to_source_record(m) for m in messages])
         except Exception as exc:
             health.error = exc
-            log.critical("profile-updater failed, stopping the worker: %r", exc, exc_info=exc)
+            log.critical("batch processing failed, stopping the worker: %r", exc, exc_info=exc)
             os.kill(os.getpid(), signal.SIGTERM)
             raise
 
+    install_batch_consumer(app, [settings.events_topic], on_batch)
+    app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
+
     register_views(app, metrics, lambda: health.alive)
+
+    @app.timer(settings.monitor_interval_s)
+    async def monitor() -> None:
+        await sample(app, settings, metrics, processor, store)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app_: faust.App, assigned: set, **_: object) -> None:
+        metrics.count_rebalance()
     return ProfileStreamApp(settings, app, table, store, processor, metrics, model, health)
 
-
-def _records(batch: Sequence[faust.types.EventT]) -> list[SourceRecord]:
-    return [to_source_record(e) for e in batch]

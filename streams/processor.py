@@ -66,6 +66,8 @@ class BatchProcessor:
         self.max_lateness_ms = max_lateness_ms
         #: Called after every batch with its report and latencies (the demo's live summary).
         self.listeners: list[Callable[[BatchReport, np.ndarray], None]] = []
+        #: partition -> (offset, timestamp ms) of the last record processed (for lag).
+        self.progress: dict[int, tuple[int, int]] = {}
 
     async def process(self, records: Sequence[SourceRecord]) -> BatchReport:
         started = time.perf_counter()
@@ -105,6 +107,8 @@ class BatchProcessor:
             self.metrics.count_skipped("redelivered", report.redelivered)
         if report.duplicates:
             self.metrics.count_skipped("duplicate_event", report.duplicates)
+        for rec in records:
+            self.progress[rec.partition] = (rec.offset, rec.timestamp_ms)
         for listener in self.listeners:
             listener(report, latencies)
         return report

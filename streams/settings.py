@@ -38,9 +38,9 @@ class Settings:
         "PROFILESTREAM_PARTITIONS", 8,
         "Partitions of the events topic and the state changelog (created if missing).")
     batch_max: int = _env_field(
-        "PROFILESTREAM_BATCH_MAX", 2000, "Most events in one micro-batch (one model call).")
-    batch_wait_ms: int = _env_field(
-        "PROFILESTREAM_BATCH_WAIT_MS", 50, "Longest wait to fill a micro-batch, in milliseconds.")
+        "PROFILESTREAM_BATCH_MAX", 2000,
+        "Most events in one micro-batch (one model call). Batches are what one fetch returns: "
+        "small when traffic is light (low latency), up to this size under load (throughput).")
     device: str = _env_field(
         "PROFILESTREAM_DEVICE", "auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     model_path: str = _env_field(
@@ -52,6 +52,8 @@ class Settings:
         "Bind address of the HTTP server (metrics, health, lookups); 0.0.0.0 in containers.")
     web_port: int = _env_field(
         "PROFILESTREAM_WEB_PORT", 6066, "Port of the HTTP server (/metrics, /healthz, /readyz, /users/...).")
+    monitor_interval_s: float = _env_field(
+        "PROFILESTREAM_MONITOR_INTERVAL_S", 5.0, "Seconds between lag / state-size / readiness samples.")
     standby_replicas: int = _env_field(
         "PROFILESTREAM_STANDBY_REPLICAS", 0, "Faust standby replicas of the state table (warm fail-over).")
     embedded_broker: bool = _env_field(
@@ -91,8 +93,6 @@ class Settings:
             problems.append("PROFILESTREAM_PARTITIONS must be >= 1")
         if self.batch_max < 1:
             problems.append("PROFILESTREAM_BATCH_MAX must be >= 1")
-        if self.batch_wait_ms < 0:
-            problems.append("PROFILESTREAM_BATCH_WAIT_MS must be >= 0")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             problems.append(f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r} is not supported")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
@@ -119,6 +119,11 @@ def _parse(name: str, default: Any, raw: str) -> Any:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{name}: expected a boolean, got {raw!r}")
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name}: expected a number, got {raw!r}") from None
     if isinstance(default, int):
         try:
             return int(raw)

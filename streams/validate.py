@@ -35,33 +35,41 @@ class Accepted:
     event: Event
 
 
-def validate_record(record: SourceRecord, now_ms: int) -> Accepted | Rejection:
-    """Check one record against the wire rules and the event contract."""
-    value = record.value
+def check_message(key: bytes | None, value: bytes | None, now_ms: int | None = None) -> Event:
+    """The event a (key, value) message carries, or :class:`EventError` with the reason.
+
+    This is the worker's whole acceptance rule (wire checks, then the event
+    contract); the producer client runs it before sending, so a message the
+    producer lets through is one the worker accepts.
+    """
     if value is None:
-        return Rejection(record, "missing_value", "record has no value (tombstone?)")
+        raise EventError("missing_value", "record has no value (tombstone?)")
     if len(value) > MAX_VALUE_BYTES:
-        return Rejection(record, "oversized", f"value is {len(value)} bytes, limit {MAX_VALUE_BYTES}")
-    key = record.key
+        raise EventError("oversized", f"value is {len(value)} bytes, limit {MAX_VALUE_BYTES}")
     if key is None:
-        return Rejection(record, "bad_key", "record has no key; the key must be the user_id")
+        raise EventError("bad_key", "record has no key; the key must be the user_id")
     try:
         key_text = key.decode("utf-8")
     except UnicodeDecodeError:
-        return Rejection(record, "bad_key", "key is not valid UTF-8")
+        raise EventError("bad_key", "key is not valid UTF-8") from None
     if len(key_text) > MAX_ID_CHARS:
-        return Rejection(record, "bad_key", f"key is longer than {MAX_ID_CHARS} characters")
+        raise EventError("bad_key", f"key is longer than {MAX_ID_CHARS} characters")
     try:
         obj = json.loads(value)
     except (UnicodeDecodeError, ValueError) as exc:
-        return Rejection(record, "malformed_json", f"value is not UTF-8 JSON: {exc}")
+        raise EventError("malformed_json", f"value is not UTF-8 JSON: {exc}") from None
+    event = event_from_dict(obj, now_ms=now_ms)
+    if event.user_id != key_text:
+        raise EventError("key_mismatch", f"key {key_text!r} differs from user_id {event.user_id!r}")
+    return event
+
+
+def validate_record(record: SourceRecord, now_ms: int) -> Accepted | Rejection:
+    """Check one record against the wire rules and the event contract."""
     try:
-        event = event_from_dict(obj, now_ms=now_ms)
+        return Accepted(record, check_message(record.key, record.value, now_ms))
     except EventError as exc:
         return Rejection(record, exc.reason, str(exc))
-    if event.user_id != key_text:
-        return Rejection(record, "key_mismatch", f"key {key_text!r} differs from user_id {event.user_id!r}")
-    return Accepted(record, event)
 
 
 def validate_batch(records: Sequence[SourceRecord], now_ms: int) -> tuple[list[Accepted], list[Rejection]]:

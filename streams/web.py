@@ -1,9 +1,9 @@
 """HTTP endpoints on the worker's faust web server.
 
 * ``/metrics``  -- Prometheus exposition of :class:`~streams.metrics.Metrics`.
-* ``/healthz``  -- liveness: the event loop answers and the agent has not died
-  (faust agents can die while the process lives on; the orchestrator must
-  restart such a worker).
+* ``/healthz``  -- liveness: the event loop answers and batch processing has
+  not failed (a faust worker can stay up with its processing dead; the
+  orchestrator must restart such a worker).
 * ``/readyz``   -- readiness: joined the group, table recovery finished, not
   rebalancing.
 """
@@ -33,7 +33,12 @@ def readiness(app: faust.App) -> dict[str, Any]:
     }
 
 
-def register_views(app: faust.App, metrics: Metrics, agent_alive: Callable[[], bool]) -> None:
+def is_ready(app: faust.App) -> bool:
+    facts = readiness(app)
+    return bool(facts["recovered"] and not facts["rebalancing"])
+
+
+def register_views(app: faust.App, metrics: Metrics, alive: Callable[[], bool]) -> None:
     @app.page("/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
@@ -43,13 +48,12 @@ def register_views(app: faust.App, metrics: Metrics, agent_alive: Callable[[], b
     @app.page("/healthz")
     class LivenessView(View):
         async def get(self, request: Request) -> Response:
-            alive = agent_alive()
-            return _json(self, 200 if alive else 503, {"alive": alive})
+            ok = alive()
+            return _json(self, 200 if ok else 503, {"alive": ok})
 
     @app.page("/readyz")
     class ReadinessView(View):
         async def get(self, request: Request) -> Response:
-            facts = readiness(app)
-            ready = facts["recovered"] and not facts["rebalancing"]
+            ready = is_ready(app)
             metrics.set_ready(ready)
-            return _json(self, 200 if ready else 503, {"ready": ready, **facts})
+            return _json(self, 200 if ready else 503, {"ready": ready, **readiness(app)})

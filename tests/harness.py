@@ -53,7 +53,6 @@ class Deployment:
             "PROFILESTREAM_DATA_DIR": str(data_dir),
             "PROFILESTREAM_WEB_PORT": str(web_port),
             "PROFILESTREAM_EMBEDDED_BROKER": "1",
-            "PROFILESTREAM_BATCH_WAIT_MS": "20",
             "PROFILESTREAM_LOG_LEVEL": "info",
         })
         env.update(extra)

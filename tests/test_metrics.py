@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.events import EVENT_TYPES
-from streams import metrics as metrics_module
 from streams.metrics import LATENCY_BUCKETS, Metrics, observe_many
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -89,9 +89,9 @@ def test_counters_exist_at_zero_before_the_first_event(m: Metrics) -> None:
 
 
 def test_observe_batch(m: Metrics) -> None:
-    before = metrics_module.time.time()
+    before = time.time()
     m.observe_batch(type_counts={"view": 7, "purchase": 2, "cart": 0}, batch_size=12, step_seconds=0.003,
-                    batch_seconds=0.04, latencies_s=np.array([0.004, 0.05, 0.05, 0.3, 0.3, 0.3, 2.0, 70.0, -0.2]),
+                    batch_seconds=0.04, latencies_s=np.array([0.004, 0.05, 0.05, 0.3, 0.3, 0.3, 2.0, 70.0, -0.2, np.nan]),
                     profiles_published=4)
     m.observe_batch(type_counts={"view": 1}, batch_size=1, step_seconds=0.0004, batch_seconds=0.002,
                     latencies_s=np.zeros(0), profiles_published=1)
@@ -112,7 +112,7 @@ def test_observe_batch(m: Metrics) -> None:
 
     latency = buckets(samples, "profilestream_event_to_profile_latency_seconds")
     assert sorted(latency) == [*LATENCY_BUCKETS, math.inf]
-    # -0.2 is clamped to 0; 0.05 sits exactly on a bound (le is inclusive); 70 only fits +Inf.
+    # -0.2 is clamped to 0, NaN dropped; 0.05 sits exactly on a bound (le is inclusive); 70 only fits +Inf.
     assert latency[0.005] == 2 and latency[0.025] == 2 and latency[0.05] == 4
     assert latency[0.25] == 4 and latency[0.5] == 7 and latency[2.5] == 8
     assert latency[60.0] == 8 and latency[math.inf] == 9
@@ -120,7 +120,7 @@ def test_observe_batch(m: Metrics) -> None:
     assert value(samples, "profilestream_event_to_profile_latency_seconds_sum") == pytest.approx(73.004)
 
     last = value(samples, "profilestream_last_batch_timestamp_seconds")
-    assert before <= last <= metrics_module.time.time()
+    assert before <= last <= time.time()
     assert 0 <= value(samples, "profilestream_seconds_since_last_batch") < 5
 
 
@@ -145,8 +145,8 @@ def test_observe_many_matches_observe_one_at_a_time() -> None:
 
 
 def test_seconds_since_last_batch_is_computed_at_scrape(m: Metrics, monkeypatch: pytest.MonkeyPatch) -> None:
-    start = metrics_module.time.time()
-    monkeypatch.setattr(metrics_module.time, "time", lambda: start + 120.0)
+    start = time.time()
+    monkeypatch.setattr(time, "time", lambda: start + 120.0)
     samples, _ = scrape(m)
     assert value(samples, "profilestream_seconds_since_last_batch") == pytest.approx(120.0, abs=5)
     assert value(samples, "profilestream_last_batch_timestamp_seconds") == 0

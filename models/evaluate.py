@@ -1,0 +1,74 @@
+"""Score the model and the baselines on the same next-event pairs.
+
+A pair is (everything a user did up to event t, event t+1).  Intent is judged
+by one-vs-rest AUC of "next event is a purchase / cart / favorite" over all
+pairs; categories by whether the next event's category is in the top 20
+(recall@20) and how high (MRR@20).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from models.baselines import category_rankings, counts_intent, markov_intent
+from models.events import TYPE_INDEX, Event
+from models.inference import ProfileModel
+from models.metrics import auc, recall_mrr
+
+AUC_TYPES = ("purchase", "cart", "favorite")
+K = 20
+METRICS = (*(f"auc_{t}" for t in AUC_TYPES), f"recall@{K}", f"mrr@{K}")
+
+
+def _intent_metrics(intent: np.ndarray, next_types: np.ndarray) -> dict[str, float]:
+    return {f"auc_{t}": auc(intent[:, TYPE_INDEX[t]], next_types == TYPE_INDEX[t]) for t in AUC_TYPES}
+
+
+def _category_metrics(ranked: list[list[str]], next_cats: list[str]) -> dict[str, float]:
+    recall, mrr = recall_mrr(ranked, next_cats, K)
+    return {f"recall@{K}": recall, f"mrr@{K}": mrr}
+
+
+def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]]) -> dict[str, Any]:
+    """Metrics of the model and every baseline: ``{"n_users", "n_pairs", "results": {name: {metric: value}}}``."""
+    sequences = [s for s in sequences if len(s) >= 2]
+    outputs = model.sequence_outputs(sequences)
+    params = model.config.baselines
+    intents: dict[str, list[np.ndarray]] = {"model": [], "counts": [], "markov": []}
+    ranked: dict[str, list[list[str]]] = {"model": [], "cat_recency": [], "cat_frequency": []}
+    next_types, next_cats = [], []
+    for seq, out in zip(sequences, outputs):
+        next_types += [TYPE_INDEX[e.type] for e in seq[1:]]
+        next_cats += [e.category_id for e in seq[1:]]
+        intents["model"].append(out.intent[:-1])
+        intents["counts"].append(counts_intent(seq, params)[:-1])
+        intents["markov"].append(markov_intent(seq, params)[:-1])
+        recency, frequency = category_rankings(seq[:-1], K)
+        ranked["model"] += out.top_categories[:-1]
+        ranked["cat_recency"] += recency
+        ranked["cat_frequency"] += frequency
+    types = np.array(next_types)
+    results: dict[str, dict[str, float]] = {name: {} for name in ("model", "counts", "markov", "cat_recency",
+                                                                   "cat_frequency")}
+    if len(types):
+        for name, rows in intents.items():
+            results[name].update(_intent_metrics(np.concatenate(rows), types))
+        for name, lists in ranked.items():
+            results[name].update(_category_metrics(lists, next_cats))
+    return {"n_users": len(sequences), "n_pairs": len(next_types), "results": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A fixed-width table, one row per predictor; "-" where a metric does not apply."""
+    header = f"{'predictor':<14}" + "".join(f"{m:>15}" for m in METRICS)
+    lines = [f"{report['n_pairs']} next-event pairs from {report['n_users']} users", header, "-" * len(header)]
+    for name, values in report["results"].items():
+        cells = []
+        for m in METRICS:
+            v = values.get(m)
+            cells.append(f"{'-' if v is None or math.isnan(v) else f'{v:.4f}':>15}")
+        lines.append(f"{name:<14}" + "".join(cells))
+    return "\n".join(lines)

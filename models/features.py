@@ -1,0 +1,237 @@
+"""Turn users' events into the model's numeric inputs.
+
+One code path serves training, replay and the stream: :meth:`Featurizer.run`
+walks each user's new events in order, reads the user's bounded memory
+(:class:`models.state.Recent` tables) *before* each event to build that
+event's inputs, updates the memory, and finally snapshots the category table
+as candidates for ``top_categories``.  Only that walk is per-event Python
+(string hashing and table updates cannot be vectorised); everything else is
+numpy over the whole batch.
+
+Hashing is stable across processes and machines (BLAKE2b of the UTF-8 id --
+never Python's salted ``hash()``): a category's two hash buckets index two
+embedding tables whose sum is the category vector, so two categories share a
+vector only if they collide in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from models.events import EVENT_TYPES, TYPE_INDEX, Event
+from models.state import Recent, UserState
+
+HASH_SCHEME = "blake2b64"
+N_TYPES = len(EVENT_TYPES)
+
+#: Per-event dense inputs, in column order (stored in the checkpoint config so
+#: a checkpoint built for other features refuses to load).
+DENSE_FEATURES: tuple[str, ...] = (
+    "log_gap", "first_event", "day_sin", "day_cos", "week_sin", "week_cos", "log_n_events",
+    *(f"log_count_{t}" for t in EVENT_TYPES),
+    "item_seen", "log_item_count", *(f"item_had_{t}" for t in EVENT_TYPES), "same_item",
+    "cat_seen", "log_cat_count", *(f"cat_had_{t}" for t in EVENT_TYPES), "same_cat", "log_cat_events_since",
+)
+#: Per-candidate features of a remembered category, after the latest event.
+CANDIDATE_FEATURES: tuple[str, ...] = (
+    "log_count", "log_events_since", "log_seconds_since", "share", *(f"had_{t}" for t in EVENT_TYPES),
+)
+#: Integer inputs per event: type, category bucket (table A), category bucket (table B), item bucket, price bucket.
+N_INT_INPUTS = 5
+
+#: Per-event decay of ``UserState.recent_types``: a ~10-event memory of what the user is doing now.
+RECENT_DECAY = 0.9
+#: Shares passed to the intent skip connection: all-time counts and recent (decayed) counts.
+N_SHARES = 2
+_DAY_S = 86_400.0
+_WEEK_S = 7 * _DAY_S
+_BITS = [1 << i for i in range(N_TYPES)]
+
+
+def stable_hash(text: str) -> int:
+    """64-bit hash of an id that is identical in every process."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def category_buckets(keys: np.ndarray, n_buckets: int) -> np.ndarray:
+    """[..., 2] bucket pair of uint64 category keys (low and high 32 bits)."""
+    keys = keys.astype(np.uint64, copy=False)
+    low = (keys & np.uint64(0xFFFFFFFF)) % np.uint64(n_buckets)
+    high = (keys >> np.uint64(32)) % np.uint64(n_buckets)
+    return np.stack([low, high], axis=-1).astype(np.int64)
+
+
+class Vocabulary:
+    """The global candidate categories (most frequent training categories) and their hash keys."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.keys = np.array([stable_hash(n) for n in self.names], dtype=np.uint64)
+        self._order = np.argsort(self.keys)
+        self._sorted = self.keys[self._order]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, keys: np.ndarray) -> np.ndarray:
+        """Vocabulary index of each uint64 key, -1 where the category is not in the vocabulary."""
+        if not self.names:
+            return np.full(keys.shape, -1, dtype=np.int64)
+        pos = np.searchsorted(self._sorted, keys).clip(max=len(self._sorted) - 1)
+        return np.where(self._sorted[pos] == keys, self._order[pos], -1)
+
+
+def price_bucket(price: float | None, n_buckets: int) -> int:
+    """0 = no price; else log2-spaced buckets 1..n_buckets-1 (prices of any currency scale alike)."""
+    if price is None:
+        return 0
+    return 1 + min(int(math.log2(1.0 + price)), n_buckets - 2)
+
+
+@dataclass
+class Candidates:
+    """What the heads read from the memory of M users/positions, after the latest event."""
+
+    keys: np.ndarray          # uint64 [M, C] remembered categories, most recent first
+    features: np.ndarray      # float32 [M, C, len(CANDIDATE_FEATURES)]
+    valid: np.ndarray         # bool [M, C]
+    labels: list[list[str]]   # M lists of the real category ids, most recent first
+    type_share: np.ndarray    # float32 [M, N_SHARES, types]: log smoothed type shares, all-time (= the counts
+                              # baseline) and recent
+
+
+@dataclass
+class FeatureBatch:
+    """Inputs of B users' new events, padded to [T, B] (time-major, like nn.LSTM)."""
+
+    ints: np.ndarray          # int64 [T, B, N_INT_INPUTS]
+    dense: np.ndarray         # float32 [T, B, len(DENSE_FEATURES)]
+    lengths: np.ndarray       # int64 [B], >= 1
+    candidates: Candidates    # after each user's last event, or after every event (user-major)
+    cat_keys: np.ndarray      # uint64 [sum(lengths)], the events' category keys, user-major
+
+
+class Featurizer:
+    """Builds :class:`FeatureBatch` es and keeps users' memories up to date."""
+
+    def __init__(self, cat_buckets: int, item_buckets: int, price_buckets: int,
+                 cat_capacity: int, item_capacity: int, type_prior: Sequence[float]) -> None:
+        self.type_prior = np.asarray(type_prior, dtype=np.float64)
+        self.cat_buckets = cat_buckets
+        self.item_buckets = max(item_buckets, 1)
+        self.price_buckets = price_buckets
+        self.cat_capacity = cat_capacity
+        self.item_capacity = item_capacity
+
+    def empty_tables(self) -> tuple[Recent, Recent]:
+        return Recent(self.cat_capacity, True), Recent(self.item_capacity, False)
+
+    def _event(self, state: UserState, event: Event) -> tuple[tuple[int, ...], tuple[float, ...], int]:
+        """Inputs of one event from the memory before it; updates the memory (in place)."""
+        kind = TYPE_INDEX[event.type]
+        bit = _BITS[kind]
+        ts = event.timestamp_ms
+        n = state.n_events
+        cats, items = state.categories, state.items
+        cat_key = stable_hash(event.category_id)
+        item_key = stable_hash(event.item_id)
+        same_item = float(items.size > 0 and items.keys[0] == item_key)
+        same_cat = float(cats.size > 0 and cats.keys[0] == cat_key)
+        item_count, item_flags, _ = items.touch(item_key, "", bit, n + 1, ts)
+        cat_count, cat_flags, cat_seen_at = cats.touch(cat_key, event.category_id, bit, n + 1, ts)
+
+        gap_s = max(ts - state.last_timestamp_ms, 0) / 1000.0 if n else 0.0
+        t_s = ts / 1000.0
+        day = 2 * math.pi * (t_s % _DAY_S) / _DAY_S
+        week = 2 * math.pi * (t_s % _WEEK_S) / _WEEK_S
+        counts = state.type_counts
+        dense = (
+            math.log1p(gap_s) / 10, float(n == 0), math.sin(day), math.cos(day), math.sin(week), math.cos(week),
+            math.log1p(n) / 5, *(math.log1p(k) / 5 for k in counts),
+            float(item_count > 0), math.log1p(item_count) / 3, *(float(item_flags & b > 0) for b in _BITS), same_item,
+            float(cat_count > 0), math.log1p(cat_count) / 3, *(float(cat_flags & b > 0) for b in _BITS), same_cat,
+            math.log1p(n + 1 - cat_seen_at) / 3 if cat_count else 0.0,
+        )
+        ints = (kind, cat_key & 0xFFFFFFFF, cat_key >> 32, item_key % self.item_buckets,
+                price_bucket(event.price, self.price_buckets))
+
+        counts[kind] += 1
+        recent = state.recent_types
+        for j in range(N_TYPES):
+            recent[j] *= RECENT_DECAY
+        recent[kind] += 1.0
+        state.n_events = n + 1
+        state.last_timestamp_ms = ts
+        return ints, dense, cat_key
+
+    @staticmethod
+    def _snapshot(state: UserState) -> tuple[list[int], list[float], list[str]]:
+        """Raw columns of the memory (category table padded to capacity, then user totals)."""
+        cats = state.categories
+        return (cats.keys[:], [*cats.counts, *cats.seen_at, *cats.seen_ts, *cats.flags, *state.type_counts,
+                               *state.recent_types, state.last_timestamp_ms],
+                cats.labels[:cats.size])  # type: ignore[index]
+
+    def _candidates(self, snaps: list[tuple[list[int], list[float], list[str]]]) -> Candidates:
+        m, cap = len(snaps), self.cat_capacity
+        keys = np.array([s[0] for s in snaps], dtype=np.uint64).reshape(m, cap)
+        raw = np.array([s[1] for s in snaps], dtype=np.float64).reshape(m, -1)
+        cols = raw[:, :4 * cap].reshape(m, 4, cap)
+        type_counts = raw[:, 4 * cap:4 * cap + N_SHARES * N_TYPES].reshape(m, N_SHARES, N_TYPES)
+        n_events, now_ts = type_counts[:, 0].sum(axis=1), raw[:, -1]
+        share = np.log((type_counts + self.type_prior) / (type_counts.sum(axis=2, keepdims=True) + 1.0))
+        counts, seen_at, seen_ts, flags = cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3].astype(np.int64)
+        valid = counts > 0
+        features = np.empty((m, cap, len(CANDIDATE_FEATURES)), dtype=np.float32)
+        features[..., 0] = np.log1p(counts) / 3
+        features[..., 1] = np.log1p(np.maximum(n_events[:, None] - seen_at, 0)) / 3
+        features[..., 2] = np.log1p(np.maximum(now_ts[:, None] - seen_ts, 0) / 1000.0) / 10
+        features[..., 3] = counts / np.maximum(n_events[:, None], 1)
+        for i, bit in enumerate(_BITS):
+            features[..., 4 + i] = (flags & bit) > 0
+        features[~valid] = 0.0
+        return Candidates(keys, features, valid, [s[2] for s in snaps], share.astype(np.float32))
+
+    def run(self, states: Sequence[UserState], events: Sequence[Sequence[Event]], every_event: bool) -> FeatureBatch:
+        """Featurise each user's new events in order, updating ``states`` in place.
+
+        ``every_event`` snapshots candidates after every event (replay,
+        training) instead of only after each user's last one (the stream).
+        """
+        lengths = np.array([len(e) for e in events], dtype=np.int64)
+        if len(lengths) == 0 or lengths.min() < 1:
+            raise ValueError("every user needs at least one new event")
+        ints, dense, cat_keys, snaps = [], [], [], []
+        for state, user_events in zip(states, events):
+            for event in user_events:
+                i, d, k = self._event(state, event)
+                ints.append(i)
+                dense.append(d)
+                cat_keys.append(k)
+                if every_event:
+                    snaps.append(self._snapshot(state))
+            if not every_event:
+                snaps.append(self._snapshot(state))
+
+        t_idx, b_idx = padded_index(lengths)
+        shape = (int(lengths.max()), len(lengths))
+        ints_pad = np.zeros(shape + (N_INT_INPUTS,), dtype=np.int64)
+        ints_arr = np.array(ints, dtype=np.uint64)
+        ints_arr[:, 1:3] %= np.uint64(self.cat_buckets)
+        ints_pad[t_idx, b_idx] = ints_arr.astype(np.int64)
+        dense_pad = np.zeros(shape + (len(DENSE_FEATURES),), dtype=np.float32)
+        dense_pad[t_idx, b_idx] = np.array(dense, dtype=np.float32)
+        return FeatureBatch(ints_pad, dense_pad, lengths, self._candidates(snaps), np.array(cat_keys, dtype=np.uint64))
+
+
+def padded_index(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(t, b) of every real event in user-major order, to scatter into / gather from [T, B]."""
+    b_idx = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    t_idx = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    return t_idx, b_idx

@@ -1,0 +1,137 @@
+"""`profilestream produce`: replay a behaviour log (or synthetic traffic) into the events topic.
+
+Events go through :class:`~streams.producer.EventProducer`, so every message
+is one the worker accepts; events it refuses are counted by reason and
+skipped.  Pacing: as fast as possible (default), ``--rate`` events/s, or
+``--preserve-timing`` -- the log's own gaps between events, divided by
+``--speedup``.  Exit status 1 when any event was not delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from tqdm import tqdm
+
+from models.events import Event, EventError
+from models.loaders import FORMATS, load_events
+
+from .producer import DeliveryError, EventProducer
+from .settings import Settings
+from .topics import ensure_topics
+from .traffic import SyntheticTraffic
+
+log = logging.getLogger("profilestream.produce")
+
+#: Synthetic events are generated this many at a time, so N can exceed memory.
+SYNTHETIC_CHUNK = 10_000
+
+
+def synthetic_events(n: int, users: int, mean_gap_ms: float) -> Iterator[Event]:
+    """``n`` funnel-shaped events stamped from now on, ~``mean_gap_ms`` apart."""
+    traffic = SyntheticTraffic(users=users, seed=int(time.time()))
+    next_ms = int(time.time() * 1000)
+    for start in range(0, n, SYNTHETIC_CHUNK):
+        chunk = traffic.events(min(SYNTHETIC_CHUNK, n - start), next_ms, mean_gap_ms)
+        next_ms = chunk[-1].timestamp_ms + 1
+        yield from chunk
+
+
+def paced(events: Iterable[Event], rate: float | None = None, speedup: float | None = None,
+          clock: Callable[[], float] = time.monotonic,
+          sleep: Callable[[float], None] = time.sleep) -> Iterator[Event]:
+    """Yield each event no earlier than its due time after the first one.
+
+    Due times are ``i / rate`` with ``rate``, or the event's timestamp gap to
+    the first event divided by ``speedup`` with ``speedup``, else zero.
+    Sleeping only when ahead of schedule lets a slow broker catch up in bursts.
+    """
+    start = clock()
+    first_ts: int | None = None
+    for i, event in enumerate(events):
+        if rate is not None:
+            due = i / rate
+        elif speedup is not None:
+            first_ts = event.timestamp_ms if first_ts is None else first_ts
+            due = (event.timestamp_ms - first_ts) / 1000.0 / speedup
+        else:
+            due = 0.0
+        ahead = due - (clock() - start)
+        if ahead > 0:
+            sleep(ahead)
+        yield event
+
+
+def produce(producer: EventProducer, events: Iterable[Event], total: int | None) -> Counter[str]:
+    """Send everything with a progress bar; returns the refused events by reason."""
+    refused: Counter[str] = Counter()
+    with tqdm(events, total=total, unit="ev", desc="produce", dynamic_ncols=True) as bar:
+        for event in bar:
+            try:
+                producer.send(event)
+            except EventError as err:
+                refused[err.reason] += 1
+                bar.set_postfix(refused=sum(refused.values()), refresh=False)
+    return refused
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    if args.speedup is not None and not args.preserve_timing:
+        raise SystemExit("--speedup only applies with --preserve-timing")
+    settings = Settings.from_env()
+    events: Iterable[Event]
+    if args.data is not None:
+        loaded = load_events(args.data, args.format)
+        events, total = loaded.events, len(loaded.events)
+        if args.preserve_timing:  # logs like Taobao's are sorted by user, not time; the sort is stable
+            events = sorted(loaded.events, key=lambda e: e.timestamp_ms)
+    else:
+        mean_gap_ms = 1000.0 / args.rate if args.rate else 1.0
+        events, total = synthetic_events(args.synthetic, args.users, mean_gap_ms), args.synthetic
+    speedup = (args.speedup or 1.0) if args.preserve_timing else None
+    asyncio.run(ensure_topics(settings))
+    try:
+        with EventProducer(settings) as producer:  # closing flushes: DeliveryError if any send failed
+            refused = produce(producer, paced(events, args.rate, speedup), total)
+    except DeliveryError as err:
+        log.error("%s", err)
+        return 1
+    sent = total - sum(refused.values())
+    if refused:
+        log.warning("refused %d invalid events: %s", sum(refused.values()), dict(refused))
+    log.info("delivered %d events to %s", sent, settings.events_topic)
+    return 0
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def add_produce_command(subparsers: Any) -> None:
+    """Register `produce` on the `profilestream` command's sub-parsers."""
+    p = subparsers.add_parser("produce", help="replay a behaviour log or synthetic traffic into the events topic",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="log file to replay")
+    source.add_argument("--synthetic", type=_positive(int), metavar="N", help="send N synthetic events")
+    p.add_argument("--format", choices=FORMATS, default="jsonl", help="format of --data")
+    pacing = p.add_mutually_exclusive_group()
+    pacing.add_argument("--rate", type=_positive(float), help="events per second (default: as fast as possible)")
+    pacing.add_argument("--preserve-timing", action="store_true",
+                        help="keep the gaps between the events' timestamps")
+    p.add_argument("--speedup", type=_positive(float), default=None,
+                   help="with --preserve-timing: replay X times faster than real time (default 1)")
+    p.add_argument("--users", type=_positive(int), default=10_000, help="synthetic user population")
+    p.set_defaults(func=cmd_produce)
+

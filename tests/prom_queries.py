@@ -1,0 +1,82 @@
+"""Every PromQL expression of the Grafana dashboard and the alert rules.
+
+One list for the tests that check the expressions: against the names
+``streams.metrics.Metrics`` exports (tests/test_deploy.py), with promtool, and
+against a real Prometheus server scraping a worker.  Grafana's
+``$__rate_interval`` is replaced by a concrete range so plain Prometheus can
+run the dashboard's queries too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "profilestream.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+
+#: Metrics Prometheus adds to every scraped target itself.
+PROMETHEUS_SYNTHETIC = frozenset({
+    "up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling",
+    "scrape_series_added",
+})
+
+
+@dataclass(frozen=True)
+class Query:
+    source: str  # "dashboard: <panel> [<refId>]" or "alert: <name>"
+    expr: str
+
+
+def dashboard_queries(rate_interval: str = "1m") -> list[Query]:
+    """The dashboard's target expressions, ``$__rate_interval`` replaced by ``rate_interval``."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", rate_interval)
+            if "$" in expr:
+                raise ValueError(f"panel {panel['title']!r} uses a Grafana variable prometheus cannot resolve: {expr}")
+            out.append(Query(f"dashboard: {panel['title']} [{target['refId']}]", expr))
+    return out
+
+
+def alert_queries() -> list[Query]:
+    rules = yaml.safe_load(ALERTS.read_text())
+    return [Query(f"alert: {rule['alert']}", rule["expr"].strip())
+            for group in rules["groups"] for rule in group["rules"]]
+
+
+def all_queries(rate_interval: str = "1m") -> list[Query]:
+    return dashboard_queries(rate_interval) + alert_queries()
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_MATCHERS = re.compile(r"\{[^}]*\}")
+_RANGES = re.compile(r"\[[^\]]*\]")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENT = re.compile(r"(?<![\w.:])([A-Za-z_:][\w:]*)(\s*\()?")
+_KEYWORDS = frozenset({
+    "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
+    "group_right", "inf", "nan",
+})
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names of the vector selectors in a PromQL expression.
+
+    Enough PromQL for this repository's expressions: label matchers, ranges,
+    strings and grouping clauses are removed first, so what is left that is
+    an identifier not followed by ``(`` and not a keyword is a metric name.
+    """
+    text = _STRINGS.sub('""', expr)
+    text = _MATCHERS.sub("", text)
+    text = _RANGES.sub("", text)
+    text = _GROUPING.sub("", text)
+    return {m.group(1) for m in _IDENT.finditer(text)
+            if m.group(2) is None and m.group(1).lower() not in _KEYWORDS}
