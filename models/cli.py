@@ -33,12 +33,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     dims = Dims(hidden=args.hidden, profile_dim=args.profile_dim, cat_buckets=args.cat_buckets,
                 item_buckets=args.item_buckets, cat_capacity=args.cat_memory, dropout=args.dropout)
     options = TrainOptions(dims=dims, epochs=args.epochs, batch_users=args.batch_users, lr=args.lr,
-                           patience=args.patience, intent_weight=args.intent_weight, seed=args.seed, val_frac=args.val_frac,
+                           patience=args.patience, intent_weight=args.intent_weight, weight_decay=args.weight_decay, seed=args.seed, val_frac=args.val_frac,
                            test_frac=args.test_frac, max_vocab=args.max_vocab, device=args.device)
     loaded = load_events(args.data, args.format)
     start = time.perf_counter()
     description = {"data": args.data.rsplit("/", 1)[-1], "format": args.format,
-                   "malformed_rows": loaded.n_malformed}
+                   "malformed_rows": loaded.malformed_total}
     fp = train_to_file(loaded.events, options, args.out, description)
     print(f"wrote {args.out} (fingerprint {fp}) in {time.perf_counter() - start:.0f} s")
     return 0
@@ -83,6 +83,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--item-buckets", type=int, default=defaults.item_buckets, help="item hash buckets (0 = no item embedding)")
     p.add_argument("--cat-memory", type=int, default=defaults.cat_capacity, help="recent categories remembered per user")
     p.add_argument("--dropout", type=float, default=defaults.dropout)
+    p.add_argument("--weight-decay", type=float, default=TrainOptions.weight_decay)
     p.add_argument("--max-vocab", type=int, default=TrainOptions.max_vocab, help="most global candidate categories")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_train)

@@ -16,7 +16,9 @@ vector only if they collide in both.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -33,7 +35,7 @@ N_TYPES = len(EVENT_TYPES)
 #: a checkpoint built for other features refuses to load).
 DENSE_FEATURES: tuple[str, ...] = (
     "log_gap", "first_event", "day_sin", "day_cos", "week_sin", "week_cos", "log_n_events",
-    *(f"log_count_{t}" for t in EVENT_TYPES),
+    *(f"log_count_{t}" for t in EVENT_TYPES), *(f"recent_share_{t}" for t in EVENT_TYPES),
     "item_seen", "log_item_count", *(f"item_had_{t}" for t in EVENT_TYPES), "same_item",
     "cat_seen", "log_cat_count", *(f"cat_had_{t}" for t in EVENT_TYPES), "same_cat", "log_cat_events_since",
 )
@@ -46,15 +48,16 @@ N_INT_INPUTS = 5
 
 #: Per-event decay of ``UserState.recent_types``: a ~10-event memory of what the user is doing now.
 RECENT_DECAY = 0.9
-#: Shares passed to the intent skip connection: all-time counts and recent (decayed) counts.
-N_SHARES = 2
 _DAY_S = 86_400.0
 _WEEK_S = 7 * _DAY_S
 _BITS = [1 << i for i in range(N_TYPES)]
+#: Bit set of event types -> one float per type (a lookup beats five tests per event).
+_FLAG_FLOATS = [tuple(float(flags & b > 0) for b in _BITS) for flags in range(1 << N_TYPES)]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def stable_hash(text: str) -> int:
-    """64-bit hash of an id that is identical in every process."""
+    """64-bit hash of an id that is identical in every process (cached: ids repeat a lot)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
@@ -75,9 +78,6 @@ class Vocabulary:
         self._order = np.argsort(self.keys)
         self._sorted = self.keys[self._order]
 
-    def __len__(self) -> int:
-        return len(self.names)
-
     def index(self, keys: np.ndarray) -> np.ndarray:
         """Vocabulary index of each uint64 key, -1 where the category is not in the vocabulary."""
         if not self.names:
@@ -95,14 +95,15 @@ def price_bucket(price: float | None, n_buckets: int) -> int:
 
 @dataclass
 class Candidates:
-    """What the heads read from the memory of M users/positions, after the latest event."""
+    """What the heads read from the memory of M users/positions after the latest event:
+    the remembered categories (the candidates) and the type shares."""
 
     keys: np.ndarray          # uint64 [M, C] remembered categories, most recent first
     features: np.ndarray      # float32 [M, C, len(CANDIDATE_FEATURES)]
     valid: np.ndarray         # bool [M, C]
     labels: list[list[str]]   # M lists of the real category ids, most recent first
-    type_share: np.ndarray    # float32 [M, N_SHARES, types]: log smoothed type shares, all-time (= the counts
-                              # baseline) and recent
+    type_share: np.ndarray    # float32 [M, 2 * types]: log smoothed type shares, all-time (the counts
+                              # baseline's scores) and recent (decayed counts)
 
 
 @dataclass
@@ -149,19 +150,19 @@ class Featurizer:
         t_s = ts / 1000.0
         day = 2 * math.pi * (t_s % _DAY_S) / _DAY_S
         week = 2 * math.pi * (t_s % _WEEK_S) / _WEEK_S
-        counts = state.type_counts
+        counts, recent = state.type_counts, state.recent_types
+        recent_total = 1.0 + sum(recent)
         dense = (
             math.log1p(gap_s) / 10, float(n == 0), math.sin(day), math.cos(day), math.sin(week), math.cos(week),
-            math.log1p(n) / 5, *(math.log1p(k) / 5 for k in counts),
-            float(item_count > 0), math.log1p(item_count) / 3, *(float(item_flags & b > 0) for b in _BITS), same_item,
-            float(cat_count > 0), math.log1p(cat_count) / 3, *(float(cat_flags & b > 0) for b in _BITS), same_cat,
+            math.log1p(n) / 5, *[math.log1p(k) / 5 for k in counts], *[r / recent_total for r in recent],
+            float(item_count > 0), math.log1p(item_count) / 3, *_FLAG_FLOATS[item_flags], same_item,
+            float(cat_count > 0), math.log1p(cat_count) / 3, *_FLAG_FLOATS[cat_flags], same_cat,
             math.log1p(n + 1 - cat_seen_at) / 3 if cat_count else 0.0,
         )
         ints = (kind, cat_key & 0xFFFFFFFF, cat_key >> 32, item_key % self.item_buckets,
                 price_bucket(event.price, self.price_buckets))
 
         counts[kind] += 1
-        recent = state.recent_types
         for j in range(N_TYPES):
             recent[j] *= RECENT_DECAY
         recent[kind] += 1.0
@@ -171,19 +172,20 @@ class Featurizer:
 
     @staticmethod
     def _snapshot(state: UserState) -> tuple[list[int], list[float], list[str]]:
-        """Raw columns of the memory (category table padded to capacity, then user totals)."""
+        """Raw columns of the category table (padded to capacity), then the user's type counts and time."""
         cats = state.categories
         return (cats.keys[:], [*cats.counts, *cats.seen_at, *cats.seen_ts, *cats.flags, *state.type_counts,
-                               *state.recent_types, state.last_timestamp_ms],
+                               *state.recent_types, state.n_events, state.last_timestamp_ms],
                 cats.labels[:cats.size])  # type: ignore[index]
 
     def _candidates(self, snaps: list[tuple[list[int], list[float], list[str]]]) -> Candidates:
         m, cap = len(snaps), self.cat_capacity
-        keys = np.array([s[0] for s in snaps], dtype=np.uint64).reshape(m, cap)
-        raw = np.array([s[1] for s in snaps], dtype=np.float64).reshape(m, -1)
+        keys = np.fromiter(itertools.chain.from_iterable(s[0] for s in snaps), np.uint64, m * cap).reshape(m, cap)
+        raw = np.fromiter(itertools.chain.from_iterable(s[1] for s in snaps), np.float64,
+                          m * len(snaps[0][1])).reshape(m, -1)
         cols = raw[:, :4 * cap].reshape(m, 4, cap)
-        type_counts = raw[:, 4 * cap:4 * cap + N_SHARES * N_TYPES].reshape(m, N_SHARES, N_TYPES)
-        n_events, now_ts = type_counts[:, 0].sum(axis=1), raw[:, -1]
+        n_events, now_ts = raw[:, -2], raw[:, -1]
+        type_counts = raw[:, 4 * cap:4 * cap + 2 * N_TYPES].reshape(m, 2, N_TYPES)
         share = np.log((type_counts + self.type_prior) / (type_counts.sum(axis=2, keepdims=True) + 1.0))
         counts, seen_at, seen_ts, flags = cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3].astype(np.int64)
         valid = counts > 0
@@ -195,7 +197,12 @@ class Featurizer:
         for i, bit in enumerate(_BITS):
             features[..., 4 + i] = (flags & bit) > 0
         features[~valid] = 0.0
-        return Candidates(keys, features, valid, [s[2] for s in snaps], share.astype(np.float32))
+        return Candidates(keys, features, valid, [s[2] for s in snaps],
+                          share.reshape(m, 2 * N_TYPES).astype(np.float32))
+
+    def candidates(self, states: Sequence[UserState]) -> Candidates:
+        """The memory of users as they are now (no new events)."""
+        return self._candidates([self._snapshot(s) for s in states])
 
     def run(self, states: Sequence[UserState], events: Sequence[Sequence[Event]], every_event: bool) -> FeatureBatch:
         """Featurise each user's new events in order, updating ``states`` in place.

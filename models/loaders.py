@@ -61,13 +61,13 @@ class LoadResult:
     skipped: Counter[str] = field(default_factory=Counter)
 
     @property
-    def n_malformed(self) -> int:
+    def malformed_total(self) -> int:
         return sum(self.malformed.values())
 
     def summary(self) -> str:
         parts = [f"{len(self.events)} events"]
         if self.malformed:
-            parts.append(f"{self.n_malformed} malformed rows skipped ({dict(self.malformed)})")
+            parts.append(f"{self.malformed_total} malformed rows skipped ({dict(self.malformed)})")
         if self.skipped:
             parts.append(f"{sum(self.skipped.values())} rows skipped ({dict(self.skipped)})")
         return ", ".join(parts)

@@ -1,9 +1,8 @@
 """ProfileLSTM: one LSTM over a user's events, three small heads.
 
     event -> [type emb | category vec | item emb | price emb | dense] -> LSTM -> h
-    h -> intent   (softmax over the canonical types: what the user does next; a skip
-                   connection adds the user's log type shares, so the counts
-                   baseline is the model's starting point, not its rival)
+    h -> intent   (softmax over the canonical types: what the user does next;
+                   plus a linear read of the user's log type shares)
     h -> profile  (L2-normalised D-dim vector)
     profile . category vec -> next-category scores, for
          * the user's remembered categories (+ an MLP over how recently/often/how
@@ -30,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, N_SHARES, N_TYPES
+from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, N_TYPES
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [1, B, hidden]
 
@@ -52,6 +51,8 @@ class Dims:
 
 
 class ProfileLSTM(nn.Module):
+    """The network; :class:`models.inference.ProfileModel` wraps it with features and state."""
+
     def __init__(self, dims: Dims, vocab_buckets: torch.Tensor) -> None:
         """``vocab_buckets`` [V, 2]: hash buckets of the vocabulary (derived from the config, not learned)."""
         super().__init__()
@@ -68,7 +69,8 @@ class ProfileLSTM(nn.Module):
         self.c0 = nn.Parameter(torch.zeros(dims.hidden))
         self.drop = nn.Dropout(dims.dropout)
         self.intent_head = nn.Linear(dims.hidden, N_TYPES)
-        self.share_weight = nn.Parameter(torch.tensor([[1.0] * N_TYPES] + [[0.0] * N_TYPES] * (N_SHARES - 1)))
+        self.share_head = nn.Linear(2 * N_TYPES, N_TYPES, bias=False)
+        nn.init.zeros_(self.share_head.weight)
         self.profile_head = nn.Linear(dims.hidden, dims.profile_dim)
         self.logit_scale = nn.Parameter(torch.tensor(10.0))
         self.vocab_bias = nn.Parameter(torch.zeros(len(vocab_buckets)))
@@ -131,22 +133,18 @@ class ProfileLSTM(nn.Module):
     # -- heads ----------------------------------------------------------------
 
     def intent_logits(self, h: torch.Tensor, type_share: torch.Tensor) -> torch.Tensor:
-        """Next-type logits: the user's log type shares [M, N_SHARES, types], weighted (starting as
-        exactly the counts baseline), plus what h adds to them."""
-        return self.intent_head(self.drop(h)) + (self.share_weight * type_share).sum(dim=1)
+        """Next-type logits from h plus a linear read of the user's log type shares [M, 2 * types]
+        (all-time = the counts baseline, and recent).  The share path starts at zero and
+        learns how much of the counts baseline to keep."""
+        return self.intent_head(self.drop(h)) + self.share_head(type_share)
 
     def profile(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.profile_head(self.drop(h)), dim=-1)
 
-    def category_logits(self, h: torch.Tensor, profile: torch.Tensor, cand_buckets: torch.Tensor,
-                        cand_features: torch.Tensor, cand_valid: torch.Tensor,
-                        cand_vocab: torch.Tensor) -> torch.Tensor:
-        """Scores [M, C + V] of the M users' C remembered categories, then the V vocabulary entries.
-
-        Invalid memory slots and vocabulary entries already among the user's
-        remembered categories (``cand_vocab`` = their vocab index or -1) get
-        -inf, so every real category appears at most once.
-        """
+    def category_scores(self, h: torch.Tensor, profile: torch.Tensor, cand_buckets: torch.Tensor,
+                        cand_features: torch.Tensor, cand_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the M users' C remembered categories [M, C] (-inf for empty slots) and of the
+        V vocabulary entries [M, V] (not yet excluding the ones the user remembers)."""
         query = profile * self.logit_scale
         cand_vec = self.category_vectors(cand_buckets)                          # [M, C, D]
         rank = self.rank_emb.weight.unsqueeze(0).expand(h.shape[0], -1, -1)      # [M, C, 8]
@@ -154,7 +152,36 @@ class ProfileLSTM(nn.Module):
         memory = (cand_vec @ query.unsqueeze(-1)).squeeze(-1) + self.cand_mlp(
             torch.cat([cand_features, rank, ctx], dim=-1)).squeeze(-1)
         memory = memory.masked_fill(~cand_valid, float("-inf"))
-        vocab = query @ self.vocab_vectors().T + self.vocab_bias                 # [M, V]
+        vocab = torch.addmm(self.vocab_bias, query, self.vocab_vectors().T)      # [M, V]
+        return memory, vocab
+
+    def category_logits(self, h: torch.Tensor, profile: torch.Tensor, cand_buckets: torch.Tensor,
+                        cand_features: torch.Tensor, cand_valid: torch.Tensor,
+                        cand_vocab: torch.Tensor) -> torch.Tensor:
+        """Training scores [M, C + V]: remembered categories, then the vocabulary.
+
+        Vocabulary entries the user remembers (``cand_vocab`` = their vocab
+        index or -1) get -inf, so every real category appears exactly once.
+        """
+        memory, vocab = self.category_scores(h, profile, cand_buckets, cand_features, cand_valid)
         taken = torch.zeros_like(vocab).scatter_add_(
             1, cand_vocab.clamp(min=0), (cand_valid & (cand_vocab >= 0)).to(vocab.dtype))
         return torch.cat([memory, vocab.masked_fill(taken > 0, float("-inf"))], dim=1)
+
+    def top_categories(self, h: torch.Tensor, profile: torch.Tensor, cand_buckets: torch.Tensor,
+                       cand_features: torch.Tensor, cand_valid: torch.Tensor, cand_vocab: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top k of :meth:`category_logits` as (indices into [C + V], scores), each [M, k].
+
+        Same ranking without a full masking pass over [M, V]: only the few
+        remembered vocabulary entries are overwritten.
+        """
+        memory, vocab = self.category_scores(h, profile, cand_buckets, cand_features, cand_valid)
+        taken = cand_valid & (cand_vocab >= 0)
+        # min-reduce -inf into remembered entries, +inf (a no-op) elsewhere: no mask pass, no device sync
+        vocab.scatter_reduce_(1, cand_vocab.clamp(min=0), torch.where(taken, float("-inf"), float("inf")), "amin")
+        capacity = memory.shape[1]
+        best = torch.topk(vocab, min(k, vocab.shape[1]), dim=1)
+        top = torch.topk(torch.cat([memory, best.values], dim=1), min(k, capacity + best.values.shape[1]), dim=1)
+        vocab_index = best.indices.gather(1, (top.indices - capacity).clamp(min=0))
+        return torch.where(top.indices >= capacity, capacity + vocab_index, top.indices), top.values

@@ -15,6 +15,7 @@ single ``np.array`` call.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -107,48 +108,54 @@ class UserState:
 
     h: np.ndarray                      # float32 [hidden]
     c: np.ndarray                      # float32 [hidden]
+    categories: Recent                 # recent categories (labelled with their real ids)
+    items: Recent                      # recent items (hash keys only)
     n_events: int = 0
     last_timestamp_ms: int = 0
     type_counts: list[int] = field(default_factory=lambda: [0] * 5)
     recent_types: list[float] = field(default_factory=lambda: [0.0] * 5)   # type counts decayed per event
-    categories: Recent = field(default_factory=lambda: Recent(0, True))
-    items: Recent = field(default_factory=lambda: Recent(0, False))
 
     def copy(self) -> "UserState":
         """A copy whose tables can be updated without touching this one (h, c are never mutated)."""
-        return UserState(self.h, self.c, self.n_events, self.last_timestamp_ms, self.type_counts[:],
-                         self.recent_types[:], self.categories.copy(), self.items.copy())
+        return UserState(self.h, self.c, self.categories.copy(), self.items.copy(), self.n_events,
+                         self.last_timestamp_ms, self.type_counts[:], self.recent_types[:])
+
+
+@functools.lru_cache(maxsize=256)
+def _table_struct(size: int, labelled: bool) -> struct.Struct:
+    """keys u64, counts u32, flags u8, seen_at u32, seen_ts i64 (, label byte lengths u16), ``size`` each."""
+    n = size
+    return struct.Struct(f"<{n}Q{n}I{n}B{n}I{n}q" + (f"{n}H" if labelled else ""))
 
 
 def _pack_table(table: Recent) -> bytes:
     n = table.size
-    out = [np.array(table.keys[:n], "<u8").tobytes(), np.array(table.counts[:n], "<u4").tobytes(),
-           np.array(table.flags[:n], "u1").tobytes(), np.array(table.seen_at[:n], "<u4").tobytes(),
-           np.array(table.seen_ts[:n], "<i8").tobytes()]
-    if table.labels is not None:
-        out += [struct.pack("<H", len(b)) + b for b in (s.encode() for s in table.labels[:n])]
-    return b"".join(out)
-
-
-_TABLE_DTYPES = ("<u8", "<u4", "u1", "<u4", "<i8")
+    columns = (*table.keys[:n], *table.counts[:n], *table.flags[:n], *table.seen_at[:n], *table.seen_ts[:n])
+    if table.labels is None:
+        return _table_struct(n, False).pack(*columns)
+    labels = [s.encode() for s in table.labels[:n]]
+    return _table_struct(n, True).pack(*columns, *map(len, labels)) + b"".join(labels)
 
 
 def _unpack_table(data: bytes, offset: int, capacity: int, size: int, labelled: bool) -> tuple[Recent, int]:
+    layout = _table_struct(size, labelled)
+    values = layout.unpack_from(data, offset)
+    offset += layout.size
     table = Recent(capacity, labelled)
     table.size = size
-    pad = capacity - size
-    for name, dtype in zip(("keys", "counts", "flags", "seen_at", "seen_ts"), _TABLE_DTYPES):
-        width = np.dtype(dtype).itemsize * size
-        values = np.frombuffer(data, dtype, size, offset).tolist()
-        setattr(table, name, values + [0] * pad)
-        offset += width
+    pad = [0] * (capacity - size)
+    n = size
+    table.keys, table.counts, table.flags = list(values[:n]) + pad, list(values[n:2 * n]) + pad, \
+        list(values[2 * n:3 * n]) + pad
+    table.seen_at, table.seen_ts = list(values[3 * n:4 * n]) + pad, list(values[4 * n:5 * n]) + pad
     if labelled:
         labels = []
-        for _ in range(size):
-            (length,) = struct.unpack_from("<H", data, offset)
-            labels.append(data[offset + 2: offset + 2 + length].decode())
-            offset += 2 + length
-        table.labels = labels + [""] * pad
+        for length in values[5 * n:]:
+            labels.append(data[offset:offset + length].decode())
+            offset += length
+        if offset > len(data):
+            raise ValueError("labels run past the end of the state")
+        table.labels = labels + [""] * (capacity - size)
     return table, offset
 
 
@@ -189,4 +196,4 @@ def decode_state(data: bytes, fingerprint: str, hidden: int, cat_capacity: int, 
         raise StateError("corrupt", f"state bytes are truncated or garbled: {err}") from err
     if offset != len(data):
         raise StateError("corrupt", f"{len(data) - offset} unexpected trailing bytes in state")
-    return UserState(h, c, n_events, last_ts, type_counts, recent_types, categories, items)
+    return UserState(h, c, categories, items, n_events, last_ts, type_counts, recent_types)

@@ -41,13 +41,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainOptions:
+    """Everything `train` can be told (the CLI flags); recorded in the checkpoint."""
+
     dims: Dims = field(default_factory=Dims)
     epochs: int = 30
     batch_users: int = 16
     lr: float = 3e-3
-    weight_decay: float = 1e-5
+    weight_decay: float = 1e-4
     patience: int = 4
-    intent_weight: float = 1.0     # intent loss is ~10x smaller than the category loss; weight it up
+    intent_weight: float = 1.0     # weight of the next-type loss against the next-category loss
     seed: int = 0
     val_frac: float = 0.15
     test_frac: float = 0.15
@@ -178,13 +180,9 @@ def train(events: Sequence[Event], options: TrainOptions, description: dict[str,
             log.info("early stop: no validation improvement for %d epochs", options.patience)
             break
     net.load_state_dict(best[2])
-    config.training = {**description, "options": _jsonable(options), "best_epoch": best[1],
+    config.training = {**description, "options": dataclasses.asdict(options), "best_epoch": best[1],
                        "epochs_run": len(history), "history": history}
     return config, net.cpu().eval()
-
-
-def _jsonable(options: TrainOptions) -> dict[str, Any]:
-    return dataclasses.asdict(options)
 
 
 def train_to_file(events: Sequence[Event], options: TrainOptions, out: str, description: dict[str, Any]) -> str:

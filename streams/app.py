@@ -21,6 +21,7 @@ from models import ProfileModel
 
 from .batch_consumer import install as install_batch_consumer
 from .kafka_config import faust_credentials
+from .lookup import register_lookup
 from .metrics import Metrics
 from .monitor import sample
 from .processor import BatchProcessor
@@ -98,8 +99,9 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     metrics.set_model_info(version=model.version, fingerprint=model.fingerprint, device=str(model.device))
     events = app.topic(settings.events_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=settings.partitions)
-    table = app.Table(TABLE_NAME, partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                      key_serializer="raw", value_serializer="raw")
+    # Values are our binary state records; they are read and written through
+    # TableStateStore (raw bytes), never through table[key].
+    table = app.Table(TABLE_NAME, partitions=settings.partitions, key_type=bytes, value_type=bytes)
     store = TableStateStore(table)
     publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic)
     processor = BatchProcessor(model, store, publisher, metrics)
@@ -125,6 +127,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)
+    register_lookup(app, store, model, settings)
 
     @app.timer(settings.monitor_interval_s)
     async def monitor() -> None:

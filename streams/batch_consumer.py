@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable, Sequence
 
+import faust
+
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import Message
 from mode import ServiceT
@@ -88,7 +90,7 @@ class BatchingTransport(faust_aiokafka.Transport):
     Consumer = BatchingConsumer
 
 
-def install(app: "faust.App", topics: Sequence[str], handler: BatchHandler) -> None:  # noqa: F821
+def install(app: faust.App, topics: Sequence[str], handler: BatchHandler) -> None:
     """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
     consumer_cls = type("AppBatchingConsumer", (BatchingConsumer,),
                         {"batch_topics": frozenset(topics), "batch_handler": staticmethod(handler)})

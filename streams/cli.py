@@ -12,6 +12,8 @@ from pathlib import Path
 from models.cli import add_commands as add_model_commands
 from models.loaders import FORMATS
 
+from .bench import add_bench_command
+from .produce_cli import add_produce_command
 from .settings import Settings
 
 
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9092)
     p.set_defaults(func=cmd_broker)
 
+    add_produce_command(sub)
+    add_bench_command(sub)
     add_model_commands(sub)
     return parser
 

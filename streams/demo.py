@@ -29,7 +29,7 @@ from .broker import EmbeddedBroker, free_port
 from .kafka_config import aiokafka_options, aiokafka_producer_options
 from .processor import BatchReport
 from .settings import Settings
-from .topics import assign_whole_topic
+from .topics import assign_whole_topic, caught_up
 from .traffic import SyntheticTraffic
 from .worker import run_worker
 
@@ -108,7 +108,7 @@ async def follow_profiles(settings: Settings, latest: dict[str, dict], until_end
     try:
         tps = await assign_whole_topic(consumer, settings.profiles_topic)
         ends = await consumer.end_offsets(tps) if until_end else {}
-        while not until_end or any(await consumer.position(tp) < end for tp, end in ends.items()):
+        while not (until_end and await caught_up(consumer, ends)):
             batches = await consumer.getmany(timeout_ms=500)
             for messages in batches.values():
                 for msg in messages:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from models.events import Event, EventError
+from models.events import Event, EventError, event_from_dict, event_to_dict
 from models.loaders import FORMATS, load_events
 
 from .producer import DeliveryError, EventProducer
@@ -68,17 +68,31 @@ def paced(events: Iterable[Event], rate: float | None = None, speedup: float | N
         yield event
 
 
-def produce(producer: EventProducer, events: Iterable[Event], total: int | None) -> Counter[str]:
-    """Send everything with a progress bar; returns the refused events by reason."""
-    refused: Counter[str] = Counter()
+def accepted(events: Iterable[Event], refused: Counter[str]) -> Iterator[Event]:
+    """The events the contract accepts; the others are counted in ``refused`` by reason.
+
+    Runs before pacing, so an event the producer would refuse (say one stamped
+    days in the future) cannot make ``--preserve-timing`` sleep for its gap.
+    """
+    for event in events:
+        try:
+            event_from_dict(event_to_dict(event))
+        except EventError as err:
+            refused[err.reason] += 1
+            continue
+        yield event
+
+
+def produce(producer: EventProducer, events: Iterable[Event], total: int | None,
+            refused: Counter[str]) -> None:
+    """Send everything with a progress bar; events refused on sending are added to ``refused``."""
     with tqdm(events, total=total, unit="ev", desc="produce", dynamic_ncols=True) as bar:
         for event in bar:
             try:
                 producer.send(event)
             except EventError as err:
                 refused[err.reason] += 1
-                bar.set_postfix(refused=sum(refused.values()), refresh=False)
-    return refused
+            bar.set_postfix(refused=sum(refused.values()), refresh=False)
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -96,9 +110,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
         events, total = synthetic_events(args.synthetic, args.users, mean_gap_ms), args.synthetic
     speedup = (args.speedup or 1.0) if args.preserve_timing else None
     asyncio.run(ensure_topics(settings))
+    refused: Counter[str] = Counter()
     try:
         with EventProducer(settings) as producer:  # closing flushes: DeliveryError if any send failed
-            refused = produce(producer, paced(events, args.rate, speedup), total)
+            produce(producer, paced(accepted(events, refused), args.rate, speedup), total, refused)
     except DeliveryError as err:
         log.error("%s", err)
         return 1

@@ -52,6 +52,9 @@ class Settings:
         "Bind address of the HTTP server (metrics, health, lookups); 0.0.0.0 in containers.")
     web_port: int = _env_field(
         "PROFILESTREAM_WEB_PORT", 6066, "Port of the HTTP server (/metrics, /healthz, /readyz, /users/...).")
+    lookup_token: str = _env_field(
+        "PROFILESTREAM_LOOKUP_TOKEN", "",
+        "Bearer token required by GET /users/{id}/profile; empty = no token (keep the port private).")
     monitor_interval_s: float = _env_field(
         "PROFILESTREAM_MONITOR_INTERVAL_S", 5.0, "Seconds between lag / state-size / readiness samples.")
     standby_replicas: int = _env_field(

@@ -55,3 +55,11 @@ async def assign_whole_topic(consumer: AIOKafkaConsumer, topic: str) -> list[Top
     consumer.assign(tps)
     await consumer.seek_to_beginning(*tps)
     return tps
+
+
+async def caught_up(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    """Whether ``consumer`` has read every partition up to the given end offsets."""
+    for tp, end in ends.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+import aiohttp.web
 import faust
 from faust.web import Request, Response, View
 
@@ -43,7 +44,9 @@ def register_views(app: faust.App, metrics: Metrics, alive: Callable[[], bool]) 
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
             body, content_type = metrics.render()
-            return self.bytes(body, content_type=content_type)
+            # As a header: aiohttp refuses a charset inside ``content_type=``, and
+            # Prometheus' content type carries one.
+            return aiohttp.web.Response(body=body, headers={"Content-Type": content_type})
 
     @app.page("/healthz")
     class LivenessView(View):

@@ -27,7 +27,7 @@ from models.events import Event
 from streams.broker import free_port
 from streams.demo import encode_event
 from streams.settings import Settings
-from streams.topics import assign_whole_topic, ensure_topics
+from streams.topics import assign_whole_topic, caught_up, ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord]:
             ends = await consumer.end_offsets(tps)
             out: list[ConsumerRecord] = []
             deadline = time.monotonic() + 30
-            while any(await consumer.position(tp) < ends[tp] for tp in tps):
+            while not await caught_up(consumer, ends):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"could not read {topic} to its end")
                 for records in (await consumer.getmany(timeout_ms=200)).values():

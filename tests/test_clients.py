@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from models import ProfileModel
-from models.events import Event, EventError, event_to_dict
+from models.events import Event, EventError
 from streams.broker import EmbeddedBroker
 from streams.produce_cli import add_produce_command, cmd_produce, paced
 from streams.producer import DeliveryError, EventProducer
@@ -244,20 +243,6 @@ def test_subscriber_waits_for_a_missing_topic_and_closes_promptly(broker: Embedd
 # -- against a running worker -------------------------------------------------
 
 
-def lookup_missing() -> str | None:
-    """Why the lookup endpoint cannot be exercised yet, or None when it can."""
-    if not hasattr(ProfileModel, "predict"):
-        return "ProfileModel.predict (state -> profile without advancing) does not exist yet"
-    if "lookup_token" not in {f.name for f in dataclasses.fields(Settings)}:
-        return "Settings.lookup_token (PROFILESTREAM_LOOKUP_TOKEN) does not exist yet"
-    if "register_lookup(" not in (REPO / "streams" / "app.py").read_text():
-        return "streams/app.py build_app does not call register_lookup yet"
-    return None
-
-
-needs_lookup = pytest.mark.skipif(lookup_missing() is not None, reason=str(lookup_missing()))
-
-
 def http_get(worker: WorkerProcess, path: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}{path}")
     if token is not None:
@@ -310,7 +295,6 @@ def test_worker_messages_match_the_published_schemas(running: Running) -> None:
     assert running.dep.read(running.dep.settings.dlq_topic) == []
 
 
-@needs_lookup
 def test_lookup_returns_the_current_profile_and_requires_the_token(running: Running) -> None:
     user = next(iter(running.counts))
     path = f"/users/{user}/profile"
@@ -331,7 +315,6 @@ def test_lookup_returns_the_current_profile_and_requires_the_token(running: Runn
     assert status == 404 and json.loads(body)["error"] == "unknown_user"
 
 
-@needs_lookup
 @pytest.mark.slow
 def test_lookup_on_any_worker_is_forwarded_to_the_owner(running: Running) -> None:
     """Runs last in this module: the second worker takes over half of the partitions."""
