@@ -12,13 +12,23 @@ offset of the last event it applied and the ids of its last few events, so
   replayed or mis-stamped event, and applying it would rewrite history the
   profile has already published.  Smaller disorder (clock skew between web
   servers) is applied in arrival order with a zero time gap.
+
+A state loaded by ``profilestream backfill`` (streams/backfill.py) has no
+Kafka source offset: its record carries :data:`BACKFILLED` instead, and the
+timestamp of the user's last backfilled event is the *cut-over*.  While the
+record is so marked, an event stamped at or before the cut-over is skipped as
+``backfilled`` (it is part of the history the backfill already applied); the
+first event past the cut-over ends the marking, and the source-offset rule
+takes over from there.  The backfilled record also carries the ids of the
+last few history events, so an overlap event re-sent after the cut-over has
+ended is still caught as a duplicate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .state_record import RECENT_EVENT_IDS, StateRecord, event_id_hash
+from .state_record import BACKFILLED, RECENT_EVENT_IDS, StateRecord, event_id_hash
 from .validate import Accepted, Rejection
 
 #: Default tolerance for events older than the user's last applied event.
@@ -32,6 +42,7 @@ class Admission:
     apply: list[Accepted] = field(default_factory=list)
     redelivered: int = 0
     duplicates: int = 0
+    backfilled: int = 0
     rejected: list[Rejection] = field(default_factory=list)
     recent_ids: tuple[int, ...] = ()
     last_offset: int = -1
@@ -44,10 +55,16 @@ def admit(items: list[Accepted], stored: StateRecord | None, last_timestamp_ms: 
     last_offset = stored.last_offset if stored else -1
     recent = list(stored.recent_event_ids) if stored else []
     newest_ts = last_timestamp_ms
+    cutover = last_timestamp_ms if stored is not None and stored.last_offset == BACKFILLED else None
     for item in items:
         if item.record.offset <= last_offset:
             out.redelivered += 1
             continue
+        if cutover is not None:
+            if item.event.timestamp_ms <= cutover:
+                out.backfilled += 1
+                continue
+            cutover = None
         id_hash = event_id_hash(item.event.event_id)
         if id_hash in recent:
             out.duplicates += 1

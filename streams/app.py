@@ -29,6 +29,7 @@ from .publish import Publisher
 from .records import SourceRecord
 from .settings import Settings
 from .state_store import TableStateStore
+from .ttl import sweep as ttl_sweep
 from .web import register_views
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,20 @@ def faust_config(settings: Settings) -> dict[str, object]:
     return conf
 
 
+#: The embedded broker holds a fetch for part of its max wait even when records are
+#: there (see batch_consumer.FetchWaitConsumerThread), so a short wait is its latency.
+EMBEDDED_FETCH_MAX_WAIT_MS = 10
+
+
+def fetch_max_wait_ms(settings: Settings) -> int:
+    if settings.embedded_broker:
+        return min(settings.fetch_max_wait_ms, EMBEDDED_FETCH_MAX_WAIT_MS)
+    return settings.fetch_max_wait_ms
+
+
 def to_source_record(msg: faust.types.Message) -> SourceRecord:
-    return SourceRecord(msg.topic, msg.partition, msg.offset, int(msg.timestamp * 1000), msg.key, msg.value)
+    return SourceRecord(msg.topic, msg.partition, msg.offset, int(msg.timestamp * 1000), msg.key, msg.value,
+                        tuple(msg.headers or ()))
 
 
 def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None = None) -> ProfileStreamApp:
@@ -104,7 +117,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     table = app.Table(TABLE_NAME, partitions=settings.partitions, key_type=bytes, value_type=bytes)
     store = TableStateStore(table)
     publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic)
-    processor = BatchProcessor(model, store, publisher, metrics)
+    processor = BatchProcessor(model, store, publisher, metrics,
+                               reset_mismatched=settings.on_model_mismatch == "reset")
     health = WorkerHealth()
 
     async def on_batch(messages: Sequence[faust.types.Message]) -> None:
@@ -123,7 +137,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
             os.kill(os.getpid(), signal.SIGTERM)
             raise
 
-    install_batch_consumer(app, [settings.events_topic], on_batch)
+    install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings))
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)
@@ -132,6 +146,11 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     @app.timer(settings.monitor_interval_s)
     async def monitor() -> None:
         await sample(app, settings, metrics, processor, store)
+
+    if settings.state_ttl_days > 0:
+        @app.timer(settings.state_ttl_sweep_s)
+        async def expire_idle_state() -> None:
+            await ttl_sweep(app, settings, processor, store)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: faust.App, assigned: set, **_: object) -> None:

@@ -101,11 +101,13 @@ async def _passthrough(args: argparse.Namespace) -> dict[str, Any]:
     """Plain aiokafka: consume -> json decode -> json encode -> produce, per event, no model."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+    from .app import fetch_max_wait_ms
     from .kafka_config import aiokafka_producer_options
     settings = worker_settings(args, args.name)
     consumer = AIOKafkaConsumer(
         args.topic, bootstrap_servers=args.bootstrap, group_id=f"{args.name}-group",
         auto_offset_reset="earliest", enable_auto_commit=True, max_poll_records=settings.batch_max,
+        fetch_max_wait_ms=fetch_max_wait_ms(settings),
         fetch_max_bytes=args.fetch_max_bytes, max_partition_fetch_bytes=args.max_partition_fetch_bytes)
     options = aiokafka_producer_options(settings)
     if args.batched:  # the client's own batching, without the embedded broker's one-record batches
@@ -146,7 +148,8 @@ def _naive(args: argparse.Namespace) -> dict[str, Any]:
 
     from . import state_record
     from .admission import admit
-    from .app import faust_config
+    from .app import faust_config, fetch_max_wait_ms
+    from .batch_consumer import install_fetch_wait
     from .publish import profile_message
     from .records import SourceRecord
     from .state_record import StateRecord
@@ -162,6 +165,7 @@ def _naive(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(settings)
     # Raw bytes in and out, as ProfileStream: the table holds the same state records.
     app = faust.App(settings.app_id, **faust_config(settings), key_serializer="raw", value_serializer="raw")
+    install_fetch_wait(app, fetch_max_wait_ms(settings))  # the same fetch wait as ProfileStream
     source = app.topic(settings.events_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=settings.partitions)
     profiles = app.topic(settings.profiles_topic, key_type=bytes, value_type=bytes, key_serializer="raw",

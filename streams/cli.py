@@ -12,9 +12,12 @@ from pathlib import Path
 from models.cli import add_commands as add_model_commands
 from models.loaders import FORMATS
 
+from .backfill import add_backfill_command
 from .bench import add_bench_command
+from .forget import add_forget_command
 from .produce_cli import add_produce_command
 from .settings import Settings
+from .snapshot import add_snapshot_commands
 
 
 def _setup_logging(level: str) -> None:
@@ -24,7 +27,7 @@ def _setup_logging(level: str) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import run_worker
-    run_worker(Settings.from_env())
+    run_worker(Settings.from_env(**({"on_model_mismatch": "reset"} if args.reset_state else {})))
     return 0
 
 
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("worker", help="run a worker against the configured Kafka cluster (env vars)")
+    p.add_argument("--reset-state", action="store_true",
+                   help="discard stored states of another model (= PROFILESTREAM_ON_MODEL_MISMATCH=reset)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="embedded broker + worker + traffic, no configuration needed")
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_produce_command(sub)
     add_bench_command(sub)
+    add_forget_command(sub)
+    add_backfill_command(sub)
+    add_snapshot_commands(sub)
     add_model_commands(sub)
     return parser
 

@@ -39,10 +39,12 @@ from models.events import EVENT_TYPES
 INVALID_REASONS: tuple[str, ...] = (
     "malformed_json", "missing_value", "missing_field", "wrong_type", "unknown_type", "oversized",
     "field_too_long", "bad_key", "key_mismatch", "bad_timestamp", "future_timestamp", "bad_price",
-    "out_of_order",
+    "out_of_order", "unknown_control",
 )
 #: Why an event was not applied although it is valid (effectively-once rules).
 SKIP_REASONS: tuple[str, ...] = ("redelivered", "duplicate_event")
+#: Why a user's state was erased: a ``profilestream forget`` request, or the idle TTL.
+FORGET_CAUSES: tuple[str, ...] = ("request", "ttl")
 
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 MODEL_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -107,6 +109,10 @@ class Metrics:
             "profilestream_events_skipped_total",
             "Valid events not applied because they already were (effectively-once rule), by reason.",
             ["reason"], registry=r)
+        self.users_forgotten = Counter(
+            "profilestream_users_forgotten_total",
+            "Users whose state was erased and profile tombstoned, by cause (request, ttl).",
+            ["cause"], registry=r)
         self.batch_size = Histogram(
             "profilestream_batch_size_events", "Records in one micro-batch.",
             buckets=BATCH_SIZE_BUCKETS, registry=r)
@@ -153,6 +159,8 @@ class Metrics:
             self.events_invalid.labels(reason=reason)
         for reason in SKIP_REASONS:
             self.events_skipped.labels(reason=reason)
+        for cause in FORGET_CAUSES:
+            self.users_forgotten.labels(cause=cause)
         # Computed at scrape time, so it keeps growing when the agent dies silently
         # (the NoProgressWithLag alert); counted from start-up until the first batch.
         self._last_batch_at = time.time()
@@ -181,6 +189,10 @@ class Metrics:
     def count_skipped(self, reason: str, n: int = 1) -> None:
         """``n`` valid events of one batch not applied, e.g. ``redelivered`` after a rebalance."""
         self.events_skipped.labels(reason=reason).inc(n)
+
+    def count_forgotten(self, cause: str, n: int = 1) -> None:
+        """``n`` users erased for ``cause`` (one of :data:`FORGET_CAUSES`)."""
+        self.users_forgotten.labels(cause=cause).inc(n)
 
     def set_lag(self, topic: str, partition: int, offsets: int, seconds: float) -> None:
         """Lag of one assigned partition; call it from a timer, not the agent, so it stays

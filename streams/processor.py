@@ -3,6 +3,12 @@
     records -> validate -> batch (group by user) -> state lookup -> admission
             -> model step (one batched call) -> state write -> publish
 
+Forget requests (control records, streams/forget.py) split a batch: the
+events before one are applied, then the user is erased, then the events after
+it are applied -- the order the partition has them in.  Erasing (requested or
+by the idle TTL) and batches take one lock, so an erase never lands between a
+batch's state write and its profile publish.
+
 The processor knows the model only through its step API (``advance`` and the
 state codec) and Kafka only through :class:`~streams.publish.Publisher`, so the
 same code runs behind the faust agent, the benchmark and the tests.
@@ -10,6 +16,8 @@ same code runs behind the faust agent, the benchmark and the tests.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
@@ -18,12 +26,15 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from models import ProfileModel, UserState
+from models import ProfileModel, StepResult, UserState
+from models.events import EventError
 
 from . import state_record
 from .admission import DEFAULT_MAX_LATENESS_MS, Admission, admit
 from .batching import UserBatch, group_by_user
+from .forget import forget_target, is_control
 from .metrics import Metrics
+from .model_guard import ModelMismatchError, mismatch_message
 from .publish import Publisher, profile_message
 from .records import SourceRecord
 from .state_record import StateRecord
@@ -35,10 +46,7 @@ log = logging.getLogger(__name__)
 class StateStore(Protocol):
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]: ...
     def put_many(self, partition: int, items: Sequence[tuple[bytes, bytes]]) -> None: ...
-
-
-class ModelMismatchError(RuntimeError):
-    """Stored state was written by another model; applying events to it would be wrong."""
+    def delete_many(self, partition: int, keys: Sequence[bytes]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -51,6 +59,8 @@ class BatchReport:
     rejected: Counter[str] = field(default_factory=Counter)
     redelivered: int = 0
     duplicates: int = 0
+    backfilled: int = 0
+    forgotten: int = 0
     max_latency_s: float = 0.0
 
 
@@ -58,23 +68,70 @@ class BatchProcessor:
     """Applies micro-batches of raw records to user state and publishes profiles."""
 
     def __init__(self, model: ProfileModel, store: StateStore, publisher: Publisher, metrics: Metrics,
-                 max_lateness_ms: int = DEFAULT_MAX_LATENESS_MS) -> None:
+                 max_lateness_ms: int = DEFAULT_MAX_LATENESS_MS, reset_mismatched: bool = False) -> None:
         self.model = model
         self.store = store
         self.publisher = publisher
         self.metrics = metrics
         self.max_lateness_ms = max_lateness_ms
+        #: PROFILESTREAM_ON_MODEL_MISMATCH=reset: another model's state is discarded
+        #: (the user starts afresh) instead of stopping the worker.
+        self.reset_mismatched = reset_mismatched
         #: Called after every batch with its report and latencies (the demo's live summary).
         self.listeners: list[Callable[[BatchReport, np.ndarray], None]] = []
         #: partition -> (offset, timestamp ms) of the last record processed (for lag).
         self.progress: dict[int, tuple[int, int]] = {}
+        #: Held by every batch and every erase (see the module docstring).
+        self.lock = asyncio.Lock()
 
     async def process(self, records: Sequence[SourceRecord]) -> BatchReport:
-        started = time.perf_counter()
-        now_ms = int(time.time() * 1000)
-        report = BatchReport(records=len(records))
+        async with self.lock:
+            started = time.perf_counter()
+            report = BatchReport(records=len(records))
+            type_counts: Counter[str] = Counter()
+            step_seconds = 0.0
+            latencies = [np.zeros(0)]
+            for control, group in itertools.groupby(records, key=is_control):
+                if control:
+                    await self._forget_requested(list(group), report)
+                    continue
+                counts, seconds, lat = await self._apply(list(group), report)
+                type_counts += counts
+                step_seconds += seconds
+                latencies.append(lat)
+            all_latencies = np.concatenate(latencies)
+            report.applied = sum(type_counts.values())
+            report.max_latency_s = float(all_latencies.max()) if all_latencies.size else 0.0
+            self.metrics.observe_batch(
+                type_counts=type_counts, batch_size=len(records), step_seconds=step_seconds,
+                batch_seconds=time.perf_counter() - started, latencies_s=all_latencies,
+                profiles_published=report.users)
+            if report.redelivered:
+                self.metrics.count_skipped("redelivered", report.redelivered)
+            if report.duplicates:
+                self.metrics.count_skipped("duplicate_event", report.duplicates)
+            if report.backfilled:
+                self.metrics.count_skipped("backfilled", report.backfilled)
+            for rec in records:
+                self.progress[rec.partition] = (rec.offset, rec.timestamp_ms)
+            for listener in self.listeners:
+                listener(report, all_latencies)
+            return report
 
-        accepted, rejected = validate_batch(records, now_ms)
+    async def expire_idle(self, partitions: Sequence[int], idle_users: Callable[[int], list[str]]) -> int:
+        """Erase the users ``idle_users(partition)`` names (the TTL sweep); returns how many."""
+        async with self.lock:
+            erased = 0
+            for partition in partitions:
+                users = idle_users(partition)
+                await self._erase(partition, users, "ttl")
+                erased += len(users)
+            return erased
+
+    async def _apply(self, records: list[SourceRecord], report: BatchReport
+                     ) -> tuple[Counter[str], float, np.ndarray]:
+        """The pipeline for a run of events: (applied per type, model seconds, latencies)."""
+        accepted, rejected = validate_batch(records, int(time.time() * 1000))
         users = [u for group in group_by_user(accepted).values() for u in group]
         stored = self._lookup(users)
         admissions = [self._admit(u, rec, state) for u, (rec, state) in zip(users, stored)]
@@ -82,6 +139,7 @@ class BatchProcessor:
             rejected.extend(adm.rejected)
             report.redelivered += adm.redelivered
             report.duplicates += adm.duplicates
+            report.backfilled += adm.backfilled
 
         todo = [i for i, adm in enumerate(admissions) if adm.apply]
         step_seconds = 0.0
@@ -94,24 +152,53 @@ class BatchProcessor:
 
         self._write_state(users, admissions, stored, todo, result)
         await self._dead_letter(rejected, report)
-        latencies = await self._publish(users, admissions, todo, result, report)
+        published_ms = await self._publish([users[i].user_id for i in todo], result)
+        resend = [i for i, adm in enumerate(admissions)
+                  if adm.redelivered and not adm.apply and stored[i][1] is not None]
+        if resend:
+            await self._publish([users[i].user_id for i in resend],
+                                self.model.predict([stored[i][1] for i in resend]))
+        report.users += len(todo)
+        source_ts = np.fromiter((a.record.timestamp_ms for i in todo for a in admissions[i].apply),
+                                dtype=np.int64)
+        return (Counter(a.event.type for i in todo for a in admissions[i].apply), step_seconds,
+                (published_ms - source_ts) / 1000.0)
 
-        type_counts = Counter(a.event.type for i in todo for a in admissions[i].apply)
-        report.applied = sum(type_counts.values())
-        report.users = len(todo)
-        self.metrics.observe_batch(
-            type_counts=type_counts, batch_size=len(records), step_seconds=step_seconds,
-            batch_seconds=time.perf_counter() - started, latencies_s=latencies,
-            profiles_published=len(todo))
-        if report.redelivered:
-            self.metrics.count_skipped("redelivered", report.redelivered)
-        if report.duplicates:
-            self.metrics.count_skipped("duplicate_event", report.duplicates)
-        for rec in records:
-            self.progress[rec.partition] = (rec.offset, rec.timestamp_ms)
-        for listener in self.listeners:
-            listener(report, latencies)
-        return report
+    async def _forget_requested(self, records: list[SourceRecord], report: BatchReport) -> None:
+        """Erase the users of a run of forget requests.
+
+        A redelivered request (crash or rebalance before its offset was
+        committed) must not erase what events *after* it built: if the user's
+        state has applied an offset beyond the request's, it was honoured already.
+        """
+        rejected: list[Rejection] = []
+        requests: dict[int, dict[str, SourceRecord]] = {}
+        for record in records:
+            try:
+                requests.setdefault(record.partition, {})[forget_target(record)] = record
+            except EventError as exc:
+                rejected.append(Rejection(record, exc.reason, str(exc)))
+        for partition, by_user in requests.items():
+            stored = self.store.get_many(partition, [user.encode() for user in by_user])
+            doomed = []
+            for (user, record), value in zip(by_user.items(), stored):
+                if value is not None and state_record.decode(value).last_offset > record.offset:
+                    report.redelivered += 1
+                else:
+                    doomed.append(user)
+            await self._erase(partition, doomed, "request")
+            report.forgotten += len(doomed)
+        await self._dead_letter(rejected, report)
+
+    async def _erase(self, partition: int, user_ids: list[str], cause: str) -> None:
+        """Delete the users' state (RocksDB + changelog tombstone) and tombstone their profiles."""
+        if not user_ids:
+            return
+        self.store.delete_many(partition, [user.encode() for user in user_ids])
+        for user in user_ids:
+            await self.publisher.tombstone(user)
+        self.metrics.count_forgotten(cause, len(user_ids))
+        log.info("erased %d users of partition %d (%s)", len(user_ids), partition, cause)
 
     def _lookup(self, users: list[UserBatch]) -> list[tuple[StateRecord | None, UserState | None]]:
         """State lookup: one multi-get per partition, then decode envelope and model state."""
@@ -129,9 +216,13 @@ class BatchProcessor:
                 continue
             record = state_record.decode(value)
             if record.fingerprint != self.model.fingerprint:
-                raise ModelMismatchError(
-                    f"state of user {user.user_id!r} was written by model {record.fingerprint}, "
-                    f"this worker runs {self.model.fingerprint}; see README 'Deploying a new model'")
+                if not self.reset_mismatched:
+                    raise ModelMismatchError(f"user {user.user_id!r}: "
+                                             + mismatch_message(record.fingerprint, self.model.fingerprint))
+                log.info("user %r: discarding state of model %s, starting afresh with model %s",
+                         user.user_id, record.fingerprint, self.model.fingerprint)
+                out.append((None, None))
+                continue
             out.append((record, self.model.decode_state(record.model_state)))
         return out
 
@@ -141,13 +232,21 @@ class BatchProcessor:
     def _write_state(self, users: list[UserBatch], admissions: list[Admission],
                      stored: list[tuple[StateRecord | None, UserState | None]],
                      todo: list[int], result: object) -> None:
-        """State write: new model state (or just the advanced offset) per user, one batch per partition."""
+        """State write: new model state (or just the advanced offset) per user, one batch per partition.
+
+        A user whose events were redelivered gets their stored record written
+        again: it was applied before a crash, but its changelog record may
+        never have reached the broker, and the offsets are about to be
+        committed past it -- without this the next owner of the partition
+        would recover a state that misses those events.  The same reason
+        makes :meth:`_apply` publish their current profile again.
+        """
         new_states: dict[int, UserState] = dict(zip(todo, result.states)) if result is not None else {}
         writes: dict[int, list[tuple[bytes, bytes]]] = {}
         for i, (user, adm) in enumerate(zip(users, admissions)):
             if i in new_states:
                 model_state = self.model.encode_state(new_states[i])
-            elif stored[i][0] is not None and adm.last_offset > stored[i][0].last_offset:
+            elif stored[i][0] is not None and (adm.last_offset > stored[i][0].last_offset or adm.redelivered):
                 model_state = stored[i][0].model_state  # only skipped/rejected events: remember the offset
             else:
                 continue
@@ -158,27 +257,22 @@ class BatchProcessor:
             self.store.put_many(partition, items)
 
     async def _dead_letter(self, rejected: list[Rejection], report: BatchReport) -> None:
+        reasons: Counter[str] = Counter()
         for rejection in rejected:
             await self.publisher.dead_letter(rejection)
-            report.rejected[rejection.reason] += 1
-        for reason, n in report.rejected.items():
+            reasons[rejection.reason] += 1
+        report.rejected.update(reasons)
+        for reason, n in reasons.items():
             self.metrics.count_invalid(reason, n)
             log.debug("dead-lettered %d records: %s", n, reason)
 
-    async def _publish(self, users: list[UserBatch], admissions: list[Admission], todo: list[int],
-                       result: object, report: BatchReport) -> np.ndarray:
-        """Publish one profile per updated user; return event->profile latencies in seconds."""
-        if result is None:
-            return np.zeros(0)
+    async def _publish(self, user_ids: list[str], result: StepResult | None) -> int:
+        """Publish the profile of each user (row i of ``result``); returns the publish time in ms."""
         now_ms = int(time.time() * 1000)
-        for row, i in enumerate(todo):
+        for row, user_id in enumerate(user_ids):
             state = result.states[row]
             value = profile_message(
-                users[i].user_id, self.model.version, now_ms, state.n_events, state.last_timestamp_ms,
+                user_id, self.model.version, now_ms, state.n_events, state.last_timestamp_ms,
                 result.profile[row], result.intent[row], result.top_categories[row])
-            await self.publisher.profile(users[i].user_id, value)
-        source_ts = np.fromiter((a.record.timestamp_ms for i in todo for a in admissions[i].apply),
-                                dtype=np.int64)
-        latencies = (now_ms - source_ts) / 1000.0
-        report.max_latency_s = float(latencies.max()) if latencies.size else 0.0
-        return latencies
+            await self.publisher.profile(user_id, value)
+        return now_ms

@@ -4,14 +4,20 @@ Events go through :class:`~streams.producer.EventProducer`, so every message
 is one the worker accepts; events it refuses are counted by reason and
 skipped.  Pacing: as fast as possible (default), ``--rate`` events/s, or
 ``--preserve-timing`` -- the log's own gaps between events, divided by
-``--speedup``.  Exit status 1 when any event was not delivered.
+``--speedup``.  ``--synthetic N --forever`` never stops (a demo traffic
+source, as in docker-compose.yml): it sends N events over and over, stamped
+from the wall clock, until SIGTERM or Ctrl-C, then flushes and exits 0.
+Exit status 1 when any event was not delivered.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
+import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,14 +39,25 @@ log = logging.getLogger("profilestream.produce")
 SYNTHETIC_CHUNK = 10_000
 
 
-def synthetic_events(n: int, users: int, mean_gap_ms: float) -> Iterator[Event]:
-    """``n`` funnel-shaped events stamped from now on, ~``mean_gap_ms`` apart."""
+def synthetic_events(n: int, users: int, mean_gap_ms: float, forever: bool = False) -> Iterator[Event]:
+    """``n`` funnel-shaped events stamped from now on, ~``mean_gap_ms`` apart.
+
+    ``forever``: then ``n`` more, endlessly, the same users' sessions going on.
+    Each chunk is stamped from the wall clock when it is generated, so the
+    timestamps of an endless paced stream stay real (no drift of the random
+    gaps, no stale timestamps after the broker was unreachable for a while).
+    """
     traffic = SyntheticTraffic(users=users, seed=int(time.time()))
     next_ms = int(time.time() * 1000)
-    for start in range(0, n, SYNTHETIC_CHUNK):
-        chunk = traffic.events(min(SYNTHETIC_CHUNK, n - start), next_ms, mean_gap_ms)
-        next_ms = chunk[-1].timestamp_ms + 1
-        yield from chunk
+    while True:
+        for start in range(0, n, SYNTHETIC_CHUNK):
+            if forever:
+                next_ms = int(time.time() * 1000)
+            chunk = traffic.events(min(SYNTHETIC_CHUNK, n - start), next_ms, mean_gap_ms)
+            next_ms = chunk[-1].timestamp_ms + 1
+            yield from chunk
+        if not forever:
+            return
 
 
 def paced(events: Iterable[Event], rate: float | None = None, speedup: float | None = None,
@@ -84,20 +101,26 @@ def accepted(events: Iterable[Event], refused: Counter[str]) -> Iterator[Event]:
 
 
 def produce(producer: EventProducer, events: Iterable[Event], total: int | None,
-            refused: Counter[str]) -> None:
-    """Send everything with a progress bar; events refused on sending are added to ``refused``."""
+            refused: Counter[str]) -> int:
+    """Send everything with a progress bar; events refused on sending are added to ``refused``.
+    Returns how many events were handed to the producer."""
+    sent = 0
     with tqdm(events, total=total, unit="ev", desc="produce", dynamic_ncols=True) as bar:
         for event in bar:
             try:
                 producer.send(event)
+                sent += 1
             except EventError as err:
                 refused[err.reason] += 1
             bar.set_postfix(refused=sum(refused.values()), refresh=False)
+    return sent
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
     if args.speedup is not None and not args.preserve_timing:
         raise SystemExit("--speedup only applies with --preserve-timing")
+    if args.forever and args.synthetic is None:
+        raise SystemExit("--forever only applies with --synthetic")
     settings = Settings.from_env()
     events: Iterable[Event]
     if args.data is not None:
@@ -107,17 +130,24 @@ def cmd_produce(args: argparse.Namespace) -> int:
             events = sorted(loaded.events, key=lambda e: e.timestamp_ms)
     else:
         mean_gap_ms = 1000.0 / args.rate if args.rate else 1.0
-        events, total = synthetic_events(args.synthetic, args.users, mean_gap_ms), args.synthetic
+        events = synthetic_events(args.synthetic, args.users, mean_gap_ms, forever=args.forever)
+        total = None if args.forever else args.synthetic
     speedup = (args.speedup or 1.0) if args.preserve_timing else None
     asyncio.run(ensure_topics(settings))
     refused: Counter[str] = Counter()
+    if args.forever:
+        # SIGTERM (a container's stop; as PID 1, Python would otherwise ignore it) or Ctrl-C
+        # ends the stream between two events; the producer's `with` then flushes.
+        stopping = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+        events = itertools.takewhile(lambda _: not stopping.is_set(), events)
     try:
         with EventProducer(settings) as producer:  # closing flushes: DeliveryError if any send failed
-            produce(producer, paced(accepted(events, refused), args.rate, speedup), total, refused)
+            sent = produce(producer, paced(accepted(events, refused), args.rate, speedup), total, refused)
     except DeliveryError as err:
         log.error("%s", err)
         return 1
-    sent = total - sum(refused.values())
     if refused:
         log.warning("refused %d invalid events: %s", sum(refused.values()), dict(refused))
     log.info("delivered %d events to %s", sent, settings.events_topic)
@@ -148,5 +178,8 @@ def add_produce_command(subparsers: Any) -> None:
     p.add_argument("--speedup", type=_positive(float), default=None,
                    help="with --preserve-timing: replay X times faster than real time (default 1)")
     p.add_argument("--users", type=_positive(int), default=10_000, help="synthetic user population")
+    p.add_argument("--forever", action="store_true",
+                   help="with --synthetic N: send N events over and over until SIGTERM/Ctrl-C "
+                        "(an endless traffic source; pair it with --rate)")
     p.set_defaults(func=cmd_produce)
 

@@ -19,3 +19,5 @@ class SourceRecord:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
+    #: Kafka record headers; control records (streams/forget.py) are marked by one.
+    headers: tuple[tuple[str, bytes], ...] = ()

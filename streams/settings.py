@@ -41,10 +41,18 @@ class Settings:
         "PROFILESTREAM_BATCH_MAX", 2000,
         "Most events in one micro-batch (one model call). Batches are what one fetch returns: "
         "small when traffic is light (low latency), up to this size under load (throughput).")
+    fetch_max_wait_ms: int = _env_field(
+        "PROFILESTREAM_FETCH_MAX_WAIT_MS", 500,
+        "Longest a fetch waits for records (Kafka answers as soon as there are any, so this "
+        "only bounds idle polls). Capped at 10 with the embedded broker, which holds fetches.")
     device: str = _env_field(
         "PROFILESTREAM_DEVICE", "auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     model_path: str = _env_field(
         "PROFILESTREAM_MODEL_PATH", "", "Model checkpoint (.pt); empty = the shipped default checkpoint.")
+    on_model_mismatch: str = _env_field(
+        "PROFILESTREAM_ON_MODEL_MISMATCH", "refuse",
+        "What a worker does with stored states of another model: refuse (do not start) or reset "
+        "(discard them, those users start afresh). See docs/lifecycle.md.")
     data_dir: Path = _env_field(
         "PROFILESTREAM_DATA_DIR", Path(".profilestream"), "Directory for RocksDB state and faust metadata.")
     web_host: str = _env_field(
@@ -59,6 +67,12 @@ class Settings:
         "PROFILESTREAM_MONITOR_INTERVAL_S", 5.0, "Seconds between lag / state-size / readiness samples.")
     standby_replicas: int = _env_field(
         "PROFILESTREAM_STANDBY_REPLICAS", 0, "Faust standby replicas of the state table (warm fail-over).")
+    state_ttl_days: float = _env_field(
+        "PROFILESTREAM_STATE_TTL_DAYS", 0.0,
+        "Erase users whose last event is older than this many days (state + profile tombstone); "
+        "0 = keep state forever. See docs/reliability.md.")
+    state_ttl_sweep_s: float = _env_field(
+        "PROFILESTREAM_STATE_TTL_SWEEP_S", 3600.0, "Seconds between idle-state sweeps (with a TTL set).")
     embedded_broker: bool = _env_field(
         "PROFILESTREAM_EMBEDDED_BROKER", False,
         "Apply the embedded (Tansu) broker's workarounds: one record per producer batch, short "
@@ -96,6 +110,12 @@ class Settings:
             problems.append("PROFILESTREAM_PARTITIONS must be >= 1")
         if self.batch_max < 1:
             problems.append("PROFILESTREAM_BATCH_MAX must be >= 1")
+        if self.state_ttl_days < 0:
+            problems.append("PROFILESTREAM_STATE_TTL_DAYS must be >= 0 (0 = off)")
+        if self.state_ttl_sweep_s <= 0:
+            problems.append("PROFILESTREAM_STATE_TTL_SWEEP_S must be > 0")
+        if self.on_model_mismatch not in ("refuse", "reset"):
+            problems.append(f"PROFILESTREAM_ON_MODEL_MISMATCH={self.on_model_mismatch!r} is not refuse or reset")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             problems.append(f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r} is not supported")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
@@ -112,6 +132,14 @@ class Settings:
     def describe(cls) -> list[tuple[str, str, str]]:
         """(env var, default, meaning) rows for the README's configuration table."""
         return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The README's configuration table (tests/test_readme.py keeps the two identical)."""
+        rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+        rows += [f"| `{env}` | `{default}` | {doc} |" if default else f"| `{env}` | (empty) | {doc} |"
+                 for env, default, doc in cls.describe()]
+        return "\n".join(rows)
 
 
 def _parse(name: str, default: Any, raw: str) -> Any:

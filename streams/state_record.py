@@ -21,6 +21,9 @@ import zlib
 from dataclasses import dataclass
 
 FORMAT_VERSION = 1
+#: ``last_offset`` of a state loaded by a backfill: no source offset, the
+#: user's last event timestamp is the cut-over (see streams/admission.py).
+BACKFILLED = -1
 #: How many recent event ids a user remembers for duplicate detection.
 RECENT_EVENT_IDS = 8
 

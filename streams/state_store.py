@@ -10,10 +10,13 @@ tracks persisted offsets and recovers the table on restart or rebalance.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import faust
 import rocksdict
+
+#: Keys faust keeps in each partition's RocksDB next to ours (its changelog offset).
+_FAUST_PREFIX = b"__faust\0"
 
 
 class TableStateStore:
@@ -52,6 +55,12 @@ class TableStateStore:
         self._db(partition).write(batch)
         for key in doomed:
             self.table.send_changelog(partition, key, None, key_serializer="raw", value_serializer="raw")
+
+    def scan(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        """Every (user key, state record) of one partition; faust's bookkeeping keys skipped."""
+        for key, value in self._db(partition).items():
+            if not key.startswith(_FAUST_PREFIX):
+                yield key, value
 
     def find(self, key: bytes) -> tuple[int, bytes] | None:
         """(partition, value) of a key held by this worker, searching its partitions."""

@@ -11,6 +11,7 @@ import faust
 from models import ProfileModel, default_checkpoint_path
 
 from .app import ProfileStreamApp, build_app
+from .model_guard import ModelMismatchError, preflight
 from .settings import Settings
 from .topics import ensure_topics
 
@@ -30,7 +31,13 @@ def run_worker(settings: Settings, customize: Callable[[ProfileStreamApp], None]
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # faust runs on this loop too
     loop.run_until_complete(ensure_topics(settings))
-    service = build_app(settings, load_model(settings))
+    model = load_model(settings)
+    try:
+        loop.run_until_complete(preflight(settings, model.fingerprint))
+    except ModelMismatchError as exc:
+        log.critical("refusing to start: %s", exc)
+        raise SystemExit(f"refusing to start: {exc}") from None
+    service = build_app(settings, model)
     if customize is not None:
         customize(service)
     worker = faust.Worker(service.app, loglevel=settings.log_level, loop=loop, quiet=True,

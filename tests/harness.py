@@ -13,23 +13,33 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
+from prometheus_client.parser import text_string_to_metric_families
 
-from models.events import Event
+from models import ProfileModel
+from models.events import EVENT_TYPES, Event
 from streams.broker import free_port
-from streams.demo import encode_event
+from streams.demo import DemoOptions, encode_event, produce_events
 from streams.settings import Settings
 from streams.topics import assign_whole_topic, caught_up, ensure_topics
+from streams.traffic import SyntheticTraffic
 
 REPO = Path(__file__).resolve().parent.parent
+#: Event time of the synthetic test traffic (2025-10-09).
+START_MS = 1_760_000_000_000
+#: Worker output vs offline replay: same model, same float32 maths, batched differently.
+TOL = 1e-5
 
 
 @dataclass
@@ -75,13 +85,14 @@ class Deployment:
         return read_topic(self.bootstrap, topic)
 
 
-def produce_raw(bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]]) -> int:
+def produce_raw(bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]],
+                headers: Sequence[tuple[str, bytes]] | None = None) -> int:
     """Send (key, value) pairs in order, one record per batch (see kafka_config.py)."""
     async def go() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=1, linger_ms=2)
         await producer.start()
         try:
-            futures = [await producer.send(topic, value, key=key) for key, value in messages]
+            futures = [await producer.send(topic, value, key=key, headers=headers) for key, value in messages]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
@@ -197,3 +208,172 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def synthetic(n: int, users: int, seed: int = 1, start_ms: int = START_MS) -> list[Event]:
+    return SyntheticTraffic(users=users, categories=60, seed=seed).events(n, start_ms, mean_gap_ms=50.0)
+
+
+def expected_last(model: ProfileModel, events: Iterable[Event]) -> dict[str, dict]:
+    """Replay's outputs after each user's last event: the ground truth of every worker test."""
+    last: dict[str, dict] = {}
+    for event, intent, top, profile in model.replay(events):
+        last[event.user_id] = {"intent": intent, "top_categories": top, "profile": profile}
+    return last
+
+
+def wait_for_counts(dep: Deployment, counts: Counter[str], timeout: float = 120.0) -> dict[str, dict]:
+    """Read profiles until every user's latest one reflects all of their events."""
+    def caught_up() -> dict[str, dict] | None:
+        latest = latest_profiles(dep.read(dep.settings.profiles_topic))
+        done = all(latest.get(u, {}).get("event_count") == n for u, n in counts.items())
+        return latest if done else None
+    return wait_for(caught_up, timeout, interval=1.0, what="all users' profiles")
+
+
+def assert_matches_replay(published: dict[str, dict], expected: dict[str, dict]) -> None:
+    assert set(published) == set(expected)
+    worst = 0.0
+    for user, exp in expected.items():
+        got = published[user]
+        worst = max(worst, float(np.abs(np.array(got["profile"]) - np.array(exp["profile"])).max()))
+        worst = max(worst, max(abs(got["intent"][t] - exp["intent"][t]) for t in EVENT_TYPES))
+        assert got["top_categories"] == exp["top_categories"], user
+    assert worst <= TOL, f"max abs diff {worst}"
+
+
+def metric_sum(exposition: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` (with these label values) in a /metrics text."""
+    return sum(s.value for fam in text_string_to_metric_families(exposition)
+               for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+class DemoTraffic:
+    """The demo's endless synthetic traffic (:func:`streams.demo.produce_events`), paced at
+    ``rate`` events/s into the deployment's events topic from a background thread."""
+
+    def __init__(self, deployment: Deployment, rate: float = 300.0, users: int = 500) -> None:
+        self.settings = deployment.settings
+        self.options = DemoOptions(rate=rate, users=users)
+        self.error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stopping = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+
+    async def _main(self) -> None:
+        sending = asyncio.ensure_future(produce_events(self.settings, None, self.options))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({sending, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        sending.cancel()  # its finally: stops the producer
+        try:
+            await sending  # re-raises a send error, if that is why it ended
+        except asyncio.CancelledError:
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+        finally:
+            self._loop.close()
+
+    def start(self) -> "DemoTraffic":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop sending; raises what made the traffic fail, if anything did."""
+        try:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        except RuntimeError:  # the loop is closed: the traffic already ended (see self.error)
+            pass
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("demo traffic did not stop")
+        if self.error is not None:
+            raise RuntimeError("demo traffic failed") from self.error
+
+    def __enter__(self) -> "DemoTraffic":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def paced(n: int, rate: float, start_s: float = 0.0) -> list[float]:
+    """Send times (seconds from the start) of ``n`` messages at ``rate`` per second."""
+    return [start_s + i / rate for i in range(n)]
+
+
+class BackgroundProducer:
+    """Produces events on its own thread on a schedule, so faults hit a live stream."""
+
+    def __init__(self, dep: Deployment, events: Sequence[Event], send_at: Sequence[float]) -> None:
+        assert len(send_at) == len(events), "one send time per event"
+        self.bootstrap = dep.bootstrap
+        self.topic = dep.settings.events_topic
+        self.messages = [encode_event(e) for e in events]
+        self.send_at = send_at
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="background-producer", daemon=True)
+
+    def start(self) -> "BackgroundProducer":
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float = 120.0) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"producer still running after {timeout}s ({self.sent} sent)")
+        if self.error is not None:
+            raise RuntimeError("background producer failed") from self.error
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._produce())
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    async def _produce(self) -> None:
+        # Long retries: the broker may be stalled (SIGSTOP) while we produce.
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, max_batch_size=1, linger_ms=2,
+                                    request_timeout_ms=60_000)
+        await producer.start()
+        try:
+            started = time.monotonic()
+            futures = []
+            for i, ((key, value), at) in enumerate(zip(self.messages, self.send_at)):
+                delay = started + at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                futures.append(await producer.send(self.topic, value, key=key))
+                self.sent = i + 1
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+
+def count_errors(published: dict[str, dict], counts: Counter[str]) -> tuple[int, int]:
+    """(events lost, events applied twice) judged by each user's published ``event_count``."""
+    lost = twice = 0
+    for user, n in counts.items():
+        got = published.get(user, {}).get("event_count", 0)
+        lost += max(0, n - got)
+        twice += max(0, got - n)
+    return lost, twice
+
+
+def settle(dep: Deployment, counts: Counter[str], timeout: float = 120.0) -> dict[str, dict]:
+    """Latest profiles once every user's count is reached -- or, on timeout, as they are.
+
+    Unlike :func:`wait_for_counts` this never raises, so a fault test can
+    report how many events were lost or applied twice instead of just timing out.
+    """
+    try:
+        return wait_for_counts(dep, counts, timeout)
+    except TimeoutError:
+        return latest_profiles(dep.read(dep.settings.profiles_topic))

@@ -80,3 +80,25 @@ def metric_names(expr: str) -> set[str]:
     text = _GROUPING.sub("", text)
     return {m.group(1) for m in _IDENT.finditer(text)
             if m.group(2) is None and m.group(1).lower() not in _KEYWORDS}
+
+
+_COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)\s*(?!bool\b)(?=[-+]?(?:\d|\.\d|inf\b|nan\b))", re.IGNORECASE)
+
+
+def with_bool(expr: str) -> str:
+    """``expr`` with every comparison against a number turned into a ``bool`` comparison.
+
+    ``x > 60`` *filters*: it is empty while nothing is wrong, which is what an
+    alert expression should be on a healthy worker, and says nothing about
+    whether ``x`` has data.  ``x > bool 60`` keeps every series of ``x`` with
+    value 0 or 1, so it is non-empty exactly when every operand has series and
+    the ``and on (...)`` joins between the operands match -- the same data the
+    alert needs in order to ever fire.  Label matchers and strings are left alone.
+    """
+    out, pos = [], 0
+    for protected in re.finditer(f"{_STRINGS.pattern}|{_MATCHERS.pattern}", expr):
+        out.append(_COMPARISON.sub(r"\1 bool ", expr[pos:protected.start()]))
+        out.append(protected.group(0))
+        pos = protected.end()
+    out.append(_COMPARISON.sub(r"\1 bool ", expr[pos:]))
+    return "".join(out)

@@ -9,6 +9,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +26,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from models.events import Event, EventError
 from streams.broker import EmbeddedBroker
+from streams import produce_cli
 from streams.produce_cli import add_produce_command, cmd_produce, paced
 from streams.producer import DeliveryError, EventProducer
 from streams.publish import profile_message
@@ -176,6 +180,53 @@ def test_produce_synthetic(deployment: Deployment, monkeypatch: pytest.MonkeyPat
     records = deployment.read(deployment.settings.events_topic)
     assert len(records) == 30
     assert len({check_message(r.key, r.value).event_id for r in records}) == 30
+
+
+def test_produce_synthetic_forever_until_sigterm(deployment: Deployment) -> None:
+    """The docker-compose traffic service: `produce --synthetic N --rate R --forever` goes past
+    N, stamps events with the wall clock, and stops cleanly (flushed, exit 0) on SIGTERM."""
+    started_ms = now_ms()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "produce", "--synthetic", "40", "--rate", "400", "--users", "5",
+         "--forever"], cwd=REPO, env=deployment.env(deployment.tmp / "unused", 0),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: sum(end_offsets(deployment.bootstrap, deployment.settings.events_topic).values()) > 100,
+                 60, what="more than two rounds of 40 events")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    records = deployment.read(deployment.settings.events_topic)
+    events = [check_message(r.key, r.value) for r in records]
+    assert len(events) > 100 and len({e.event_id for e in events}) == len(events)
+    assert all(started_ms - 1000 <= e.timestamp_ms <= now_ms() + 1000 for e in events)
+
+
+def test_produce_forever_needs_synthetic(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_produce_command(parser.add_subparsers())
+    args = parser.parse_args(["produce", "--data", str(tmp_path / "log.jsonl"), "--forever"])
+    with pytest.raises(SystemExit, match="--forever only applies with --synthetic"):
+        cmd_produce(args)
+
+
+def test_synthetic_events_forever_restamps_each_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(produce_cli, "SYNTHETIC_CHUNK", 10)
+    monkeypatch.setattr(produce_cli.time, "time", lambda: clock[0])
+    stream = produce_cli.synthetic_events(25, users=3, mean_gap_ms=5.0, forever=True)
+    first = [next(stream) for _ in range(10)]
+    clock[0] += 3600.0  # the broker was gone for an hour: the next chunk is stamped from now, not stale
+    later = [next(stream) for _ in range(60)]
+    assert first[0].timestamp_ms >= 1_800_000_000_000 and first[-1].timestamp_ms < 1_800_000_001_000
+    assert later[0].timestamp_ms >= 1_800_003_600_000
+    assert len({e.event_id for e in first + later}) == 70  # past N=25: it goes on
+    finite = list(produce_cli.synthetic_events(25, users=3, mean_gap_ms=5.0))
+    assert len(finite) == 25
 
 
 def test_pacing_by_rate_and_by_the_logs_own_timing() -> None:

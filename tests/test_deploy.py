@@ -3,22 +3,22 @@
 
 promtool and prometheus come from Debian's ``prometheus`` package; the tests
 that need them skip where it is not installed (.ci/run installs it, so CI runs
-them).  Nothing here needs Docker or a cluster: compose and k8s files are
-validated structurally and against their JSON schemas only.
+them).  One test runs a real worker, fed by the demo's traffic on the embedded
+broker, under a real Prometheus.  Nothing here needs Docker or a cluster:
+compose and k8s files are validated structurally and against their JSON
+schemas, and checked against the code (CLI commands, settings) they configure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
+from models.events import event_to_dict
 from streams.metrics import Metrics
 from streams.settings import Settings
+from streams.traffic import SyntheticTraffic
+from tests.harness import DemoTraffic, Deployment, produce_raw
 from tests.prom_queries import (
     ALERTS,
     DASHBOARD,
@@ -40,7 +43,9 @@ from tests.prom_queries import (
     all_queries,
     dashboard_queries,
     metric_names,
+    with_bool,
 )
+from tests.prom_server import PrometheusServer, finite, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -185,110 +190,148 @@ def test_dashboard_structure() -> None:
     assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
 
 
-# --- a real Prometheus scraping real exposition ---------------------------------------
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = check()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
-
+# --- a real Prometheus scraping a real worker, and crafted values --------------------
 
 @pytest.fixture
-def prometheus_scraping_metrics(tmp_path: Path) -> Iterator[tuple[str, Metrics]]:
-    """A Prometheus server (1 s scrapes, the real alert rules) scraping a Metrics exporter."""
-    metrics = Metrics()
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=metrics.registry)
-    exporter = f"127.0.0.1:{server.server_port}"
-    port = _free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ALERTS)],
-        "scrape_configs": [{"job_name": "profilestream", "static_configs": [{"targets": [exporter]}]}],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], PrometheusServer]]:
+    """Starts real Prometheus servers (1 s scrapes and evaluations, deploy/prometheus/alerts.yml)
+    scraping the given host:port targets as job "profilestream"; stops them after the test."""
+    servers: list[PrometheusServer] = []
 
-    def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode}:\n{(tmp_path / 'prometheus.log').read_text()}")
-        with urllib.request.urlopen(f"{base}/-/ready", timeout=5) as response:
-            return bool(response.status == 200)
+    def start(targets: list[str]) -> PrometheusServer:
+        server = PrometheusServer(tmp_path / f"prometheus{len(servers)}", targets)
+        servers.append(server)
+        return server.start()
 
-    try:
-        _wait_for("prometheus to start", ready)
-        yield base, metrics
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
-        server.shutdown()
-        thread.join(timeout=5)
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _invalid_messages() -> list[tuple[bytes, bytes, str]]:
+    """(key, value, the reason the worker dead-letters it for)."""
+    event = event_to_dict(SyntheticTraffic(users=1).events(1, int(time.time() * 1000))[0])
+    key = event["user_id"].encode()
+    return [
+        (key, b"{broken json", "malformed_json"),
+        (key, json.dumps({**event, "type": "teleport"}).encode(), "unknown_type"),
+        (key, b"x" * (17 * 1024), "oversized"),
+    ]
+
+
+#: Alerts whose expression is asserted empty (quiet) on the healthy test worker.  The
+#: latency SLO is left out: its p99 depends on how busy this shared 2-core machine is.
+QUIET_WHEN_HEALTHY = {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
+                      "DeadLetterRateHigh", "NoProgressWithLag"}
 
 
 @needs_prometheus
-def test_real_prometheus_scrapes_and_answers_every_query(prometheus_scraping_metrics: tuple[str, Metrics]) -> None:
-    base, metrics = prometheus_scraping_metrics
+def test_real_prometheus_scrapes_a_worker_fed_by_demo_traffic(
+        deployment: Deployment, prometheus: Callable[[list[str]], PrometheusServer]) -> None:
+    """Issue 6: a real Prometheus scrapes a running worker fed by the demo traffic, and
+    answers every query of the dashboard and the alert rules with data.
+
+    "With data" means a non-empty result whose values are all finite (a
+    histogram_quantile over no traffic would answer NaN).  Dashboard queries are
+    run as Grafana would, ``$__rate_interval`` = 15 s: only continuous traffic
+    keeps their rates defined.  An alert expression is *meant* to be empty on a
+    healthy worker (``x > 60`` filters), so for alerts the test runs
+    :func:`with_bool` of the expression (``x > bool 60``): every series of every
+    operand, 0 or 1, and non-empty only if each operand has series and the
+    ``and on (instance)`` joins match -- i.e. the alert is able to fire.  Then it
+    checks the plain expressions are empty (no alert would fire on a healthy
+    worker) and that every rule evaluates with health "ok".
+    """
+    invalid = _invalid_messages()
+    worker = deployment.worker(PROFILESTREAM_MONITOR_INTERVAL_S="1").start()
+    try:
+        with DemoTraffic(deployment, rate=300.0, users=500):
+            prom = prometheus([f"127.0.0.1:{worker.web_port}"])
+            # After Prometheus has the counters at 0: a series first scraped at 1 has no increase.
+            poll("two scrapes", lambda: prom.query('count_over_time(up{job="profilestream"}[1m]) >= 2'))
+            produce_raw(deployment.bootstrap, deployment.settings.events_topic, [(k, v) for k, v, _ in invalid])
+
+            checks = {q.source: q.expr for q in dashboard_queries("15s")}
+            checks |= {f"{q.source} (as bool)": with_bool(q.expr) for q in alert_queries()}
+            # Every metric name the dashboard and alerts use has scraped series.
+            checks |= {f"series {name}": name for name in sorted({n for q in all_queries() for n in
+                                                                  metric_names(q.expr)})}
+            # Fed by traffic, not just exported: these must be positive, not merely present.
+            checks |= {
+                "events consumed": "sum(rate(profilestream_events_consumed_total[15s])) > 0",
+                "profiles published": "sum(rate(profilestream_profiles_published_total[15s])) > 0",
+                "batches": "sum(rate(profilestream_batch_processing_seconds_count[15s])) > 0",
+                "users in state": "profilestream_users_in_state > 0",
+                "ready": "profilestream_ready == 1",
+                "up": 'up{job="profilestream"} == 1',
+                "model info": 'profilestream_model_info{version!="", device!=""}',
+                "lag of every partition": f"count(profilestream_consumer_lag_offsets) == {deployment.partitions}"
+                                          f" and count(profilestream_consumer_lag_seconds) == {deployment.partitions}",
+                "process metrics": "process_resident_memory_bytes > 0 and process_cpu_seconds_total > 0",
+            }
+            for q in all_queries():  # each parses and runs, or the failure names it at once
+                prom.query(q.expr)
+
+            failing: dict[str, str] = {}
+
+            def answered() -> bool:
+                failing.clear()
+                failing.update({source: expr for source, expr in checks.items() if not finite(prom.query(expr))})
+                return not failing
+
+            def dead_lettered() -> set[str]:
+                result = prom.query("increase(profilestream_events_invalid_total[5m]) > 0")
+                return {r["metric"]["reason"] for r in result}
+
+            try:
+                poll("every query to answer with data", answered, timeout_s=60, interval_s=1)
+                poll("the dead-lettered reasons", lambda: dead_lettered() == {r for _, _, r in invalid},
+                     timeout_s=30, interval_s=1)
+            except AssertionError as exc:
+                pytest.fail(f"{exc}; still without data: {json.dumps(failing, indent=1)}; dead-lettered: "
+                            f"{dead_lettered()}\nworker log:\n{worker.log_tail(30)}\nprometheus log:\n{prom.log()}")
+
+            rules = poll("every rule to be evaluated", prom.rules_evaluated)
+            assert sorted(r["name"] for r in rules) == sorted(q.source.removeprefix("alert: ")
+                                                              for q in alert_queries())
+            assert {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"} == {}
+            loud = {q.source: prom.query(q.expr) for q in alert_queries()
+                    if q.source.removeprefix("alert: ") in QUIET_WHEN_HEALTHY and prom.query(q.expr)}
+            assert loud == {}
+            assert prom.alerts("pending", "firing") <= {"LatencyP99AboveSLO"}
+
+            # The worker's own exposition follows Prometheus' naming conventions.
+            status, body = worker.http("/metrics")
+            assert status == 200
+            lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
+            assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
+    finally:
+        worker.stop()
+
+
+@needs_prometheus
+def test_real_prometheus_alerts_go_pending_on_scraped_values(
+        prometheus: Callable[[list[str]], PrometheusServer]) -> None:
+    """The rules' conditions evaluated by real Prometheus on values it scraped (the
+    worker test above cannot make a healthy worker unready or 2 minutes behind)."""
+    metrics = Metrics()
     metrics.set_model_info(version="test", fingerprint="abc", device="cpu")
     metrics.set_ready(False)
     metrics.set_assignment([("profilestream.events", 0)])
     metrics.set_lag("profilestream.events", 0, 5000, 120.0)
     metrics.observe_batch(type_counts={"view": 3}, batch_size=3, step_seconds=0.01, batch_seconds=0.02,
                           latencies_s=np.array([0.05, 0.2, 0.7]), profiles_published=2)
-
-    def query(expr: str) -> list[dict[str, Any]]:
-        try:
-            answer = _get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-        except urllib.error.HTTPError as exc:  # 400/422: Prometheus rejected the query
-            pytest.fail(f"{expr}: {exc.read().decode()}")
-        assert answer["status"] == "success", (expr, answer)
-        result: list[dict[str, Any]] = answer["data"]["result"]
-        return result
-
-    _wait_for("three scrapes", lambda: query('count_over_time(up{job="profilestream"}[1m]) >= 3'))
-    assert [r["value"][1] for r in query('up{job="profilestream"}')] == ["1"]
-
-    for q in all_queries():
-        query(q.expr)  # parses and runs on real Prometheus
-    for name in sorted({n for q in all_queries() for n in metric_names(q.expr)}):
-        assert query(name), f"Prometheus scraped no series named {name}"
-
-    def rules_evaluated() -> list[dict[str, Any]] | None:
-        rules = [r for g in _get(f"{base}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
-        return rules if all(r["lastEvaluation"] > "0001-01-01T00:00:00Z" for r in rules) else None
-
-    rules = _wait_for("a rule evaluation", rules_evaluated)
-    assert len(rules) == 7
-    assert [r["name"] for r in rules if r["health"] != "ok"] == []
-    # Real evaluation on the scraped values: not ready, 120 s behind -> both alerts pending.
-    pending = _wait_for("pending alerts", lambda: {
-        a["labels"]["alertname"] for a in _get(f"{base}/api/v1/alerts")["data"]["alerts"]
-        if a["state"] == "pending"} >= {"NotReady", "ConsumerLagSecondsHigh"})
-    assert pending
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        prom = prometheus([f"127.0.0.1:{server.server_port}"])
+        # Not ready and 120 s behind: exactly these two go pending; 5000 records of lag is
+        # under ConsumerLagGrowing's threshold and NoProgressWithLag needs a ready worker.
+        poll("pending alerts", lambda: prom.alerts("pending") >= {"NotReady", "ConsumerLagSecondsHigh"})
+        assert prom.alerts() == {"NotReady", "ConsumerLagSecondsHigh"}
+        assert [r["name"] for r in prom.rules() if r["health"] != "ok"] == []
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
 
 
 # --- (b) docker-compose.yml against the compose-spec schema ----------------------------
@@ -336,12 +379,130 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     env = worker["environment"]
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["PROFILESTREAM_DATA_DIR"] == DATA_DIR and int(env["PROFILESTREAM_WEB_PORT"]) == WEB_PORT
-    assert services["traffic"]["command"][:2] == ["profilestream", "traffic"]
+    assert env["PROFILESTREAM_WEB_HOST"] == "0.0.0.0"  # Prometheus scrapes from another container
+    traffic = services["traffic"]
+    assert traffic["command"][:3] == ["profilestream", "produce", "--synthetic"] and "--forever" in traffic["command"]
+    for key in ("KAFKA_BOOTSTRAP_SERVERS", "PROFILESTREAM_EVENTS_TOPIC", "PROFILESTREAM_PARTITIONS"):
+        assert traffic["environment"][key] == env[key]
+    assert {"prometheus", "grafana"} <= services.keys()
 
     for name, service in services.items():
         for mount in service.get("volumes", []):
             if mount.startswith("./"):
                 assert (ROOT / mount.split(":")[0]).exists(), f"{name}: {mount}"
+
+
+# --- deploy files cannot drift from the code: commands and settings ------------------
+
+GPU_OVERRIDE = ROOT / "deploy" / "compose.gpu.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+#: Variables of the image that are not ProfileStream settings.
+NOT_SETTINGS = {"PATH", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+
+
+def _profilestream_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services that run the ProfileStream image (its own env vars, not Kafka's or Grafana's)."""
+    return {name: svc for name, svc in doc["services"].items()
+            if str(svc.get("image", "")).startswith("profilestream:") or "build" in svc}
+
+
+def _dockerfile_instructions(name: str) -> list[str]:
+    """Arguments of every ``name`` instruction, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    return [line.split(None, 1)[1] for line in text.splitlines() if line.split(None, 1)[:1] == [name]]
+
+
+def deploy_commands() -> dict[str, list[str]]:
+    """Every ``profilestream ...`` command line in docker-compose.yml, deploy/compose.gpu.yml,
+    deploy/k8s and deploy/Dockerfile, by where it is."""
+    found: dict[str, list[str]] = {}
+    for path in (COMPOSE, GPU_OVERRIDE):
+        for name, svc in yaml.safe_load(path.read_text())["services"].items():
+            for key in ("entrypoint", "command"):
+                if isinstance(svc.get(key), list):
+                    found[f"{path.name}: {name}.{key}"] = svc[key]
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                for key in ("command", "args"):
+                    if key in container:
+                        found[f"{path.name}: {container['name']}.{key}"] = container[key]
+    for instruction in ("CMD", "ENTRYPOINT"):
+        for i, args in enumerate(_dockerfile_instructions(instruction)):
+            found[f"Dockerfile: {instruction} #{i}"] = json.loads(args)  # exec form only
+    return {where: argv for where, argv in found.items() if argv and argv[0] == "profilestream"}
+
+
+def deploy_env() -> dict[str, set[str]]:
+    """Every environment variable name the deploy files set for ProfileStream, by file."""
+    found: dict[str, set[str]] = {}
+    for path in (COMPOSE, GPU_OVERRIDE):
+        for name, svc in _profilestream_services(yaml.safe_load(path.read_text())).items():
+            found[f"{path.name}: {name}"] = set(svc.get("environment", {}))
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == "ConfigMap":
+                found[f"{path.name}: {doc['metadata']['name']}"] = set(doc["data"])
+            pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []):
+                found[f"{path.name}: {container['name']}"] = {e["name"] for e in container.get("env", [])}
+    names = set()
+    for args in _dockerfile_instructions("ENV"):
+        names |= {m.group(1) for m in re.finditer(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", args)}
+    found["Dockerfile: ENV"] = names - NOT_SETTINGS
+    return found
+
+
+def test_deploy_commands_parse_with_the_real_cli() -> None:
+    from streams.cli import build_parser
+    commands = deploy_commands()
+    assert {"docker-compose.yml: worker.command", "docker-compose.yml: traffic.command",
+            "statefulset.yaml: worker.args", "Dockerfile: CMD #0"} <= commands.keys()
+    for where, argv in commands.items():
+        try:
+            args = build_parser().parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{where}: `{' '.join(argv)}` does not parse with streams.cli.build_parser()")
+        assert callable(args.func), where
+
+
+def test_the_drift_check_notices_a_bad_command() -> None:
+    from streams.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["traffic", "--rate", "200"])  # the compose file's old command
+
+
+def test_deploy_env_vars_are_settings() -> None:
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    found = deploy_env()
+    assert {"docker-compose.yml: worker", "docker-compose.yml: traffic", "compose.gpu.yml: worker",
+            "configmap.yaml: profilestream", "Dockerfile: ENV"} <= found.keys()
+    assert "PROFILESTREAM_WEB_HOST" in found["Dockerfile: ENV"]
+    assert {where: names - known for where, names in found.items() if names - known} == {}
+
+
+def test_deploy_texts_name_only_real_settings() -> None:
+    """Comments and runbooks too: every PROFILESTREAM_* name they mention is a setting."""
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    for path in [COMPOSE, GPU_OVERRIDE, DOCKERFILE, ROOT / "deploy" / "README.md", *K8S_DIR.glob("*.yaml"),
+                 *PROM_DIR.glob("*.yml")]:
+        mentioned = set(re.findall(r"\bPROFILESTREAM_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+        assert mentioned - known == set(), path.name
+
+
+def test_compose_gpu_override(compose: dict[str, Any]) -> None:
+    gpu = yaml.safe_load(GPU_OVERRIDE.read_text())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator().iter_errors(gpu)]
+    assert errors == []
+    worker = gpu["services"]["worker"]
+    assert set(gpu["services"]) <= set(compose["services"])
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert worker["environment"]["PROFILESTREAM_DEVICE"] == "cuda"
+    Settings.from_env({**compose["services"]["worker"]["environment"], **worker["environment"]})
+    assert "ARG TORCH_VARIANT=" in DOCKERFILE.read_text() and worker["build"]["args"]["TORCH_VARIANT"].startswith("cu")
+    assert GPU_OVERRIDE.relative_to(ROOT).as_posix() in COMPOSE.read_text()
 
 
 def test_compose_env_vars_are_settings(compose: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -198,3 +200,66 @@ def test_render_content_type(m: Metrics) -> None:
     body, content_type = m.render()
     assert content_type.startswith("text/plain; version=")  # Prometheus text format, not OpenMetrics
     assert body.startswith(b"# HELP")
+
+
+#: Issue 6's list of what a worker exports -> (family name, type, label names of its series);
+#: prometheus-client names counter families without ``_total`` (their samples have it).
+ISSUE_METRICS = {
+    "events consumed by type": ("profilestream_events_consumed", "counter", {"type"}),
+    "invalid events by reason": ("profilestream_events_invalid", "counter", {"reason"}),
+    "batch size histogram": ("profilestream_batch_size_events", "histogram", set()),
+    "model step seconds histogram": ("profilestream_model_step_seconds", "histogram", set()),
+    "event->profile latency histogram": ("profilestream_event_to_profile_latency_seconds", "histogram", set()),
+    "profiles published": ("profilestream_profiles_published", "counter", set()),
+    "users in state": ("profilestream_users_in_state", "gauge", set()),
+    "consumer lag per partition, offsets": ("profilestream_consumer_lag_offsets", "gauge", {"topic", "partition"}),
+    "consumer lag per partition, seconds": ("profilestream_consumer_lag_seconds", "gauge", {"topic", "partition"}),
+    "rebalances": ("profilestream_rebalances", "counter", set()),
+    "seconds since last processed batch": ("profilestream_seconds_since_last_batch", "gauge", set()),
+    # An Info family is named without its _info suffix, which its one sample carries.
+    "model version and device as info": ("profilestream_model", "info", {"version", "fingerprint", "device"}),
+    "process CPU": ("process_cpu_seconds", "counter", set()),
+    "process memory": ("process_resident_memory_bytes", "gauge", set()),
+    "process open fds": ("process_open_fds", "gauge", set()),
+    "process start time": ("process_start_time_seconds", "gauge", set()),
+}
+
+
+def populated() -> Metrics:
+    """A Metrics with every family holding at least one series."""
+    m = Metrics()
+    m.set_model_info(version="2024.1", fingerprint="9f2c", device="cuda:0")
+    m.set_assignment([("profilestream.events", 0)])
+    m.set_lag("profilestream.events", 0, 12, 0.5)
+    m.count_rebalance()
+    m.observe_batch(type_counts={"view": 2}, batch_size=2, step_seconds=0.01, batch_seconds=0.02,
+                    latencies_s=np.array([0.05, 0.1]), profiles_published=1)
+    return m
+
+
+def test_the_issues_metric_list_is_exported() -> None:
+    families = {f.name: f for f in populated().registry.collect()}
+    for item, (name, kind, labels) in ISSUE_METRICS.items():
+        family = families.get(name)
+        assert family is not None, f"{item}: no metric family {name}"
+        assert family.type == kind, f"{item}: {name} is a {family.type}, not a {kind}"
+        main = [s for s in family.samples if not s.name.endswith("_created")]
+        assert main, f"{item}: {name} has no series"
+        assert {frozenset(s.labels) - {"le"} for s in main} == {frozenset(labels)}, item
+
+
+def test_names_follow_the_prometheus_conventions() -> None:
+    body, _ = populated().render()
+    for family in text_string_to_metric_families(body.decode()):
+        name = family.name
+        assert name == name.lower() and " " not in name, name
+        if name.startswith("profilestream_") and family.type == "counter":
+            assert f"{name}_total" in {s.name for s in family.samples}, name
+        if family.type != "counter":
+            assert not name.endswith("_total"), name
+        # Base units only: seconds and bytes, never ms / milliseconds / kb.
+        assert not any(part in name.split("_") for part in ("ms", "milliseconds", "minutes", "kb", "mb")), name
+    # promtool's own linter (Debian's prometheus package), where installed.
+    if shutil.which("promtool"):
+        lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
+        assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()

@@ -8,52 +8,22 @@ that user's last event.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
-from typing import Iterable
+from dataclasses import dataclass
 
 import numpy as np
+import pytest
+from aiokafka.structs import ConsumerRecord
 
 from models import ProfileModel
-from models.events import EVENT_TYPES, Event, event_to_dict
+from models.events import Event, event_from_dict
+from streams.broker import EmbeddedBroker
+from streams.demo import encode_event
 from streams.publish import headers_dict
-from streams.traffic import SyntheticTraffic
 
-from .harness import Deployment, latest_profiles, produce_raw, wait_for
-
-START_MS = 1_760_000_000_000
-TOL = 1e-5
-
-
-def synthetic(n: int, users: int, seed: int = 1, start_ms: int = START_MS) -> list[Event]:
-    return SyntheticTraffic(users=users, categories=60, seed=seed).events(n, start_ms, mean_gap_ms=50.0)
-
-
-def expected_last(model: ProfileModel, events: Iterable[Event]) -> dict[str, dict]:
-    """Replay's outputs after each user's last event."""
-    last: dict[str, dict] = {}
-    for event, intent, top, profile in model.replay(events):
-        last[event.user_id] = {"intent": intent, "top_categories": top, "profile": profile}
-    return last
-
-
-def wait_for_counts(dep: Deployment, counts: Counter[str], timeout: float = 120.0) -> dict[str, dict]:
-    """Read profiles until every user's latest one reflects all of their events."""
-    def caught_up() -> dict[str, dict] | None:
-        latest = latest_profiles(dep.read(dep.settings.profiles_topic))
-        done = all(latest.get(u, {}).get("event_count") == n for u, n in counts.items())
-        return latest if done else None
-    return wait_for(caught_up, timeout, interval=1.0, what="all users' profiles")
-
-
-def assert_matches_replay(published: dict[str, dict], expected: dict[str, dict]) -> None:
-    assert set(published) == set(expected)
-    worst = 0.0
-    for user, exp in expected.items():
-        got = published[user]
-        worst = max(worst, float(np.abs(np.array(got["profile"]) - np.array(exp["profile"])).max()))
-        worst = max(worst, max(abs(got["intent"][t] - exp["intent"][t]) for t in EVENT_TYPES))
-        assert got["top_categories"] == exp["top_categories"], user
-    assert worst <= TOL, f"max abs diff {worst}"
+from .harness import (START_MS, Deployment, assert_matches_replay, expected_last, metric_sum, produce_raw,
+                      synthetic, wait_for, wait_for_counts)
 
 
 def test_published_profiles_equal_replay(deployment: Deployment, model: ProfileModel) -> None:
@@ -93,43 +63,97 @@ def test_events_of_one_user_in_one_batch_keep_their_order(deployment: Deployment
                for u in published)
 
 
-def test_invalid_messages_go_to_dead_letter_topic_and_valid_ones_are_processed(
-        deployment: Deployment, model: ProfileModel) -> None:
+def bad(user: str, **fields: object) -> tuple[bytes, bytes]:
+    """A message keyed by ``user`` whose event is valid unless ``fields`` break it."""
+    event = {"event_id": f"{user}-0", "user_id": user, "type": "view", "item_id": "i1", "category_id": "c1",
+             "timestamp": START_MS, **fields}
+    return user.encode(), json.dumps(event).encode()
+
+
+FAR_FUTURE_MS = int(time.time() * 1000) + 30 * 86_400_000
+#: (case, messages -- the last one is the case, any before it valid --, outcome): a dead-letter
+#: reason, or "duplicate_event" for an event that is skipped, not dead-lettered.
+BAD_INPUT: list[tuple[str, list[tuple[bytes, bytes | None]], str]] = [
+    ("malformed JSON", [(b"bad-json", b"{broken json")], "malformed_json"),
+    ("wrong type", [bad("bad-type", item_id=7)], "wrong_type"),
+    ("missing field", [(b"bad-missing", json.dumps({"user_id": "bad-missing", "type": "view"}).encode())],
+     "missing_field"),
+    ("unknown event type", [bad("bad-unknown", type="teleport")], "unknown_type"),
+    ("oversized payload", [(b"bad-big", b"x" * (17 * 1024))], "oversized"),
+    ("non-UTF-8 key", [(b"\xff\xfe", bad("bad-key")[1])], "bad_key"),
+    ("key/user_id mismatch", [(b"bad-mismatch", bad("someone-else")[1])], "key_mismatch"),
+    ("NaN timestamp", [bad("bad-nan", timestamp=float("nan"))], "wrong_type"),
+    ("far-future timestamp", [bad("bad-future", timestamp=FAR_FUTURE_MS)], "future_timestamp"),
+    ("seconds, not ms", [bad("bad-seconds", timestamp=START_MS // 1000)], "bad_timestamp"),
+    ("negative price", [bad("bad-price", price=-1)], "bad_price"),
+    ("no value", [(b"bad-null", None)], "missing_value"),
+    ("duplicate event_id", [bad("dup"), bad("dup", item_id="i2")], "duplicate_event"),
+    (">1 h older than the user's last event",
+     [bad("late", timestamp=START_MS + 10 * 3_600_000), bad("late", event_id="late-1")], "out_of_order"),
+]
+
+
+@dataclass
+class BadInputRun:
+    """One worker run over good traffic with every bad-input case mixed in."""
+
+    deployment: Deployment
+    applied: list[Event]
+    published: dict[str, dict]
+    dead_letters: list[ConsumerRecord]
+    metrics: str
+
+    def reasons(self, key: bytes) -> list[str]:
+        return [headers_dict(r.headers)["profilestream.dlq.reason"] for r in self.dead_letters if r.key == key]
+
+
+@pytest.fixture(scope="module")
+def bad_input_run(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> BadInputRun:
+    dep = Deployment(broker.bootstrap_servers, tmp_path_factory.mktemp("bad-input"))
+    dep.create_topics()
     good = synthetic(200, users=30, seed=3)
-    good_msgs = [(e.user_id.encode(), json.dumps(event_to_dict(e)).encode()) for e in good]
-    bad_msgs = [
-        (b"u1", b"{broken json"),
-        (b"u1", json.dumps({"user_id": "u1", "type": "view"}).encode()),
-        (b"u1", json.dumps({**event_to_dict(good[0]), "type": "teleport", "user_id": "u1"}).encode()),
-        (b"u2", json.dumps({**event_to_dict(good[0]), "user_id": "u1"}).encode()),
-        (b"\xff\xfe", json.dumps(event_to_dict(good[0])).encode()),
-        (b"u1", b"x" * (17 * 1024)),
-    ]
-    mixed = good_msgs[:100] + bad_msgs + good_msgs[100:]
-    worker = deployment.worker().start()
+    good_msgs = [encode_event(e) for e in good]
+    valid_prelude = [event_from_dict(json.loads(value)) for _, msgs, _ in BAD_INPUT for _, value in msgs[:-1]]
+    n_dead = sum(1 for *_, outcome in BAD_INPUT if outcome != "duplicate_event")
+    worker = dep.worker().start()
     try:
-        produce_raw(deployment.bootstrap, deployment.settings.events_topic, mixed)
-        published = wait_for_counts(deployment, Counter(e.user_id for e in good))
-        dlq = wait_for(lambda: (r := deployment.read(deployment.settings.dlq_topic)) and len(r) >= 6 and r,
-                       60, what="dead letters")
-        status, body = worker.http("/metrics")
+        produce_raw(dep.bootstrap, dep.settings.events_topic,
+                    good_msgs[:100] + [m for _, msgs, _ in BAD_INPUT for m in msgs] + good_msgs[100:])
+        published = wait_for_counts(dep, Counter(e.user_id for e in good + valid_prelude))
+        dead = wait_for(lambda: (r := dep.read(dep.settings.dlq_topic)) and len(r) >= n_dead and r,
+                        60, what="dead letters")
+        metrics = wait_for(lambda: (text := worker.http("/metrics")[1].decode()) and metric_sum(
+            text, "profilestream_events_invalid_total") == n_dead and text, 30, what="invalid counters")
     finally:
         worker.stop()
-    assert_matches_replay(published, expected_last(model, good))
-    reasons = [headers_dict(r.headers)["profilestream.dlq.reason"] for r in dlq]
-    assert sorted(reasons) == sorted(["malformed_json", "missing_field", "unknown_type", "key_mismatch",
-                                      "bad_key", "oversized"])
-    source = {(r.partition, r.offset): (r.key, r.value) for r in deployment.read(deployment.settings.events_topic)}
-    for rec in dlq:
+    return BadInputRun(dep, good + valid_prelude, published, dead, metrics)
+
+
+@pytest.mark.parametrize("case, messages, outcome", BAD_INPUT, ids=[case for case, *_ in BAD_INPUT])
+def test_bad_input_is_dead_lettered_with_its_reason_or_deduplicated(
+        bad_input_run: BadInputRun, case: str, messages: list[tuple[bytes, bytes | None]], outcome: str) -> None:
+    key = messages[-1][0]
+    if outcome == "duplicate_event":
+        assert bad_input_run.reasons(key) == []
+        assert bad_input_run.published[key.decode()]["event_count"] == 1
+        assert metric_sum(bad_input_run.metrics, "profilestream_events_skipped_total", reason=outcome) == 1
+        return
+    assert bad_input_run.reasons(key) == [outcome]
+    same_reason = sum(1 for *_, o in BAD_INPUT if o == outcome)
+    assert metric_sum(bad_input_run.metrics, "profilestream_events_invalid_total", reason=outcome) == same_reason
+
+
+def test_worker_keeps_going_and_dead_letters_keep_the_original_bytes(
+        bad_input_run: BadInputRun, model: ProfileModel) -> None:
+    assert_matches_replay(bad_input_run.published, expected_last(model, bad_input_run.applied))
+    dep = bad_input_run.deployment
+    source = {(r.partition, r.offset): (r.key, r.value) for r in dep.read(dep.settings.events_topic)}
+    for rec in bad_input_run.dead_letters:
         head = headers_dict(rec.headers)
-        assert head["profilestream.dlq.topic"] == deployment.settings.events_topic and head["profilestream.dlq.error"]
+        assert head["profilestream.dlq.topic"] == dep.settings.events_topic and head["profilestream.dlq.error"]
         # The original bytes, untouched, and the exact place they came from.
         where = (int(head["profilestream.dlq.partition"]), int(head["profilestream.dlq.offset"]))
         assert source[where] == (rec.key, rec.value)
-        assert (rec.key, rec.value) in set(bad_msgs)
-    assert status == 200
-    text = body.decode()
-    assert 'profilestream_events_invalid_total{reason="malformed_json"} 1.0' in text
 
 
 def test_restarted_worker_continues_from_its_rocksdb_state(deployment: Deployment, model: ProfileModel) -> None:
@@ -155,8 +179,3 @@ def test_restarted_worker_continues_from_its_rocksdb_state(deployment: Deploymen
     assert applied == len(second)
     assert_matches_replay(published, expected_last(model, events))
 
-
-def metric_sum(exposition: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    return sum(s.value for fam in text_string_to_metric_families(exposition)
-               for s in fam.samples if s.name == name)

@@ -1,0 +1,37 @@
+"""`profilestream bench` runs all four modes end to end and reports consistent figures.
+
+Only that it works and what it reports hangs together is tested here: speed
+targets are for the benchmark's printed figures (README), never for a unit test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .harness import REPO
+
+
+def test_bench_runs_every_mode_and_reports_ratios_latency_and_memory() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "bench", "--events", "3000", "--users", "300",
+         "--naive-seconds", "4", "--latency-seconds", "4", "--json"],
+        cwd=REPO, text=True, capture_output=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for mode in ("passthrough", "passthrough_batched", "profilestream"):
+        assert report[mode]["events"] == 3000 and report[mode]["events_per_s"] > 0, report[mode]
+    assert 0 < report["naive"]["events"] <= 3000
+    ps = report["profilestream"]
+    # Outputs are coalesced: at most one profile per user per batch.
+    assert 0 < ps["outputs"] <= 3000 and ps["batches"] >= 1
+    ratios = report["ratios"]
+    assert ratios["profilestream_vs_passthrough"] == round(ps["events_per_s"] / report["passthrough"]["events_per_s"], 3)
+    assert ratios["profilestream_vs_naive"] == round(ps["events_per_s"] / report["naive"]["events_per_s"], 1)
+    lat = report["latency"]["latency"]
+    assert report["latency"]["latency_samples"] > 0
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["p999_ms"] <= lat["max_ms"]
+    assert [s["fraction"] for s in ps["rss"]] == [0.25, 0.5, 0.75, 1.0]
+    assert all(s["rss_bytes"] > 0 and s["users_cached"] > 0 for s in ps["rss"])
+    assert ps["peak_rss_bytes"] >= max(s["rss_bytes"] for s in ps["rss"])
