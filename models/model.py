@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, N_TYPES
 
@@ -126,9 +126,28 @@ class ProfileLSTM(nn.Module):
         """
         if ints.shape[0] == 1:
             return self.step(state, ints[0], dense[0])
-        packed = pack_padded_sequence(self.embed(ints, dense), lengths.cpu(), enforce_sorted=False)
-        _, (h, c) = self.lstm(packed, state)
+        _, (h, c) = self.lstm(self._pack(ints, dense, lengths), state)
         return h[0], (h, c)
+
+    def _pack(self, ints: torch.Tensor, dense: torch.Tensor, lengths: torch.Tensor) -> PackedSequence:
+        """Embed only the real events, straight into packed order.
+
+        With Zipf-distributed users one batch mixes a heavy user's 100 events
+        with a thousand users' single events, so embedding the padded [T, B]
+        grid and then packing it (``pack_padded_sequence``) spends ~50x the
+        work on padding.  This is the same PackedSequence, built from the rows
+        that exist: users sorted by length (descending, stable), events taken
+        time-major, exactly as ``pack_padded_sequence(enforce_sorted=False)`` orders them.
+        """
+        lengths = lengths.cpu()
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        steps = torch.arange(ints.shape[0])
+        batch_sizes = (lengths[None, :] > steps[:, None]).sum(dim=1)
+        batch_sizes = batch_sizes[batch_sizes > 0]
+        real = (steps[:, None] < lengths[order][None, :]).to(ints.device)  # [T, B] in sorted user order
+        order_dev = order.to(ints.device)
+        data = self.embed(ints[:, order_dev][real], dense[:, order_dev][real])
+        return PackedSequence(data, batch_sizes, order_dev, torch.argsort(order_dev))
 
     # -- heads ----------------------------------------------------------------
 

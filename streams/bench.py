@@ -211,7 +211,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     report: dict[str, Any] = {
         "config": {"events": opts.events, "users": opts.users, "partitions": opts.partitions,
                    "device": opts.device, "naive_seconds": opts.naive_seconds,
-                   "latency_seconds": opts.latency_seconds, "latency_load": opts.latency_fraction,
+                   "latency_seconds": opts.latency_seconds, "latency_load": None if opts.latency_rate else opts.latency_fraction,
                    "batch_max": int(os.environ.get("PROFILESTREAM_BATCH_MAX", "0")) or None,
                    "cpus": os.cpu_count(), "python": platform.python_version(),
                    "broker": "embedded (Tansu, memory)"},
@@ -319,8 +319,9 @@ def format_report(r: dict[str, Any]) -> str:
     lat = r.get("latency")
     if lat:
         q = lat["latency"]
-        lines += ["", f"  latency at {lat['offered_events_per_s']:,.0f} events/s offered "
-                      f"({c['latency_load']:.0%} of c; achieved {lat['achieved_offered_events_per_s']:,.0f}/s, "
+        load = f"{c['latency_load']:.0%} of c; " if c["latency_load"] else ""
+        lines += ["", f"  latency at {lat['offered_events_per_s']:,.0f} events/s offered ({load}"
+                      f"achieved {lat['achieved_offered_events_per_s']:,.0f}/s, "
                       f"{lat['latency_samples']} events, mean batch {lat['mean_batch']:.0f}):",
                   f"    event->profile p50 {q['p50_ms']} ms  p99 {q['p99_ms']} ms  p99.9 {q['p999_ms']} ms  "
                   f"max {q['max_ms']} ms  (target p99 <= 100 ms)"]

@@ -231,6 +231,16 @@ def wait_for_counts(dep: Deployment, counts: Counter[str], timeout: float = 120.
     return wait_for(caught_up, timeout, interval=1.0, what="all users' profiles")
 
 
+def stream_through(dep: Deployment, events: Sequence[Event]) -> dict[str, dict]:
+    """Run one worker over ``events`` and return the last profile per user once all are in."""
+    worker = dep.worker().start()
+    try:
+        dep.produce(events)
+        return wait_for_counts(dep, Counter(e.user_id for e in events))
+    finally:
+        worker.stop()
+
+
 def assert_matches_replay(published: dict[str, dict], expected: dict[str, dict]) -> None:
     assert set(published) == set(expected)
     worst = 0.0

@@ -25,7 +25,7 @@ from streams.changelog import partition_for
 from streams.snapshot import STATES, _read_states
 
 from .harness import (REPO, TOL, Deployment, assert_matches_replay, expected_last, latest_profiles,
-                      metric_sum, synthetic, wait_for, wait_for_counts)
+                      metric_sum, stream_through, synthetic, wait_for, wait_for_counts)
 
 HOUR_MS = 3_600_000
 
@@ -71,12 +71,7 @@ def test_backfill_equals_streaming_and_live_events_continue(
     live = synthetic(400, users=150, seed=12, start_ms=history[-1].timestamp_ms + HOUR_MS)
     counts = Counter(e.user_id for e in history)
 
-    streamed_worker = deployment.worker().start()
-    try:
-        deployment.produce(history)
-        streamed = wait_for_counts(deployment, counts)
-    finally:
-        streamed_worker.stop()
+    streamed = stream_through(deployment, history)
 
     warm = Deployment(broker.bootstrap_servers, tmp_path / "warm")
     warm.tmp.mkdir()

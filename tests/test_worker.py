@@ -23,18 +23,13 @@ from streams.demo import encode_event
 from streams.publish import headers_dict
 
 from .harness import (START_MS, Deployment, assert_matches_replay, expected_last, metric_sum, produce_raw,
-                      synthetic, wait_for, wait_for_counts)
+                      stream_through, synthetic, wait_for, wait_for_counts)
 
 
 def test_published_profiles_equal_replay(deployment: Deployment, model: ProfileModel) -> None:
     events = synthetic(3000, users=300)
     counts = Counter(e.user_id for e in events)
-    worker = deployment.worker().start()
-    try:
-        deployment.produce(events)
-        published = wait_for_counts(deployment, counts)
-    finally:
-        worker.stop()
+    published = stream_through(deployment, events)
     assert len(counts) >= 200
     assert_matches_replay(published, expected_last(model, events))
     for user, prof in published.items():
