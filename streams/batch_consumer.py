@@ -13,19 +13,39 @@ Records of every other topic still take faust's normal route.
 Because the handler runs inside the fetch loop, a batch is always processed
 and acked before the next fetch -- at-least-once exactly as with an agent,
 and faust's rebalance code still waits for unacked records before revoking.
+
+Records of a batch topic are handed over strictly in offset order from the
+committed offset on: per partition, only the record at the next expected
+offset is processed.  Admission (streams/admission.py) skips every event at or
+below a user's last applied offset as redelivered, so one batch that started
+*ahead* of unprocessed records would make them look applied for each user it
+touched, and they would be lost.  faust 0.15.3 + aiokafka 0.14 can do exactly
+that after a (re)start or rebalance: a fetch issued while only changelog
+partitions are active returns after recovery has paused those too; faust's
+active-partition set is shared with the fetch and is then empty, which aiokafka
+reads as "every partition", so it hands over (and moves past) the records it
+had prefetched for the paused event partitions, and faust's ``getmany`` drops
+them; the partitions are resumed before ``perform_seek`` rewinds them to the
+committed offset, so the next batch started past them.  Hence: nothing is
+processed for a partition until ``perform_seek`` has positioned it for the
+current assignment, a jump past the expected offset rewinds the partition to
+it, and fetches get a snapshot of the active partitions.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Sequence
+import logging
+from typing import Any, Awaitable, Callable, Optional, Sequence, Set
 
 import aiokafka
 import faust
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import Message
+from faust.types import TP, Message
 from mode import ServiceT
+
+log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
 
@@ -65,6 +85,45 @@ class BatchingConsumer(FetchWaitConsumer):
     batch_topics: frozenset[str] = frozenset()
     batch_handler: BatchHandler | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Batch-topic partition -> offset of the next record it may process; absent
+        #: until perform_seek() has positioned the partition for the current assignment.
+        self._next_offset: dict[TP, int] = {}
+        #: Partition -> offset it was last rewound to (tells a real gap from a skip).
+        self._rewound_to: dict[TP, int] = {}
+
+    async def _getmany(self, active_partitions: Optional[Set[TP]], timeout: float) -> Any:
+        # faust passes its live set of active partitions, which pause/resume
+        # mutate while the fetch waits; emptied, aiokafka returns every partition.
+        snapshot = None if active_partitions is None else set(active_partitions)
+        return await super()._getmany(snapshot, timeout)
+
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        for tp in revoked:
+            self._next_offset.pop(tp, None)
+            self._rewound_to.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
+        # Nothing is processed in the new generation before perform_seek().
+        self._next_offset.clear()
+        self._rewound_to.clear()
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    async def perform_seek(self) -> None:
+        """faust's seek to the committed offsets; they are where batch processing resumes."""
+        await super().perform_seek()
+        tps = [tp for tp in self.assignment() if tp.topic in self.batch_topics]
+        committed = {tp: self._committed_offset.get(tp) for tp in tps}
+        # Nothing committed (or 0): the consumer starts at the log start (auto_offset_reset=earliest).
+        unknown = [tp for tp, offset in committed.items() if not offset]
+        starts = await self.earliest_offsets(*unknown) if unknown else {}
+        for tp, offset in committed.items():
+            start = offset if offset else starts.get(tp)
+            self._next_offset[tp] = start if start is not None else 0
+            self._rewound_to.pop(tp, None)
+
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - run by faust
         # Mirrors faust.transport.consumer.Consumer._drain_messages (0.15.3),
         # with the per-record delivery of batch topics replaced by one call.
@@ -78,30 +137,53 @@ class BatchingConsumer(FetchWaitConsumer):
         set_read_offset = self._read_offset.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
+        next_offset = self._next_offset
+        rewound_to = self._rewound_to
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 batch: list[Message] = []
+                rewind: dict[TP, int] = {}
                 ait = self.getmany(timeout=1.0)
                 await self.sleep(0)
                 if self.should_stop:
                     break
                 async for tp, message in ait:
                     offset = message.offset
+                    if message.topic in batch_topics:
+                        expected = next_offset.get(tp)
+                        if expected is None or offset < expected or tp in rewind:
+                            continue  # not positioned yet (perform_seek will), already processed, or rewinding
+                        if offset > expected:
+                            if rewound_to.get(tp) != expected:
+                                rewind[tp] = expected  # [expected, offset) were fetched but never handed to us
+                                continue
+                            # Rewound there already and it still starts later: a real gap (e.g. transaction markers).
+                            log.warning("%s: offsets %d-%d are missing from the topic; going on at %d",
+                                        tp, expected, offset - 1, offset)
+                            if acks_enabled_for(message.topic):
+                                await self._add_gap(tp, expected, offset - 1)
+                        next_offset[tp] = offset + 1
+                        self.track_message(message)
+                        batch.append(message)
+                        set_read_offset(tp, offset)
+                        continue
                     r_offset = get_read_offset(tp)
                     if r_offset is not None and offset < r_offset:
                         continue  # already read in this generation
                     if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
                         await self._add_gap(tp, r_offset + 1, offset)
-                    if message.topic in batch_topics:
-                        self.track_message(message)
-                        batch.append(message)
-                    else:
-                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                    await self.wait_first(callback(message), self.suspend_flow.wait())
                     set_read_offset(tp, offset)
                 if batch:
                     await handler(batch)
                     for message in batch:
                         self.ack(message)
+                for tp, offset in rewind.items():
+                    if next_offset.get(tp) != offset:
+                        continue  # revoked or re-seeked meanwhile
+                    log.info("%s: rewinding to offset %d, records from there were skipped by the fetch", tp, offset)
+                    rewound_to[tp] = offset
+                    await self.seek_wait({tp: offset})
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
                     await self.commit()
