@@ -46,6 +46,19 @@ class TableStateStore:
         for key, value in pending:
             self.table.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
 
+    async def drain_changelog(self) -> None:
+        """Hand every buffered changelog record to the Kafka client before the batch is acked.
+
+        ``send_changelog`` only queues records in faust's producer buffer, and
+        faust's flush before an offset commit gives up on that buffer after
+        0.1 s without progress; a commit could then cover events whose state
+        exists only in local RocksDB, and a worker taking the partition over
+        after a crash would recover an older state and never see those events again.
+        """
+        buffer = self.table.app.producer.buffer
+        while buffer.size:
+            await buffer.flush()
+
     def delete_many(self, partition: int, keys: Iterable[bytes]) -> None:
         """Delete keys locally and write tombstones to the changelog."""
         batch = rocksdict.WriteBatch(raw_mode=True)
