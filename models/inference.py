@@ -99,6 +99,7 @@ class ProfileModel:
                                      config.item_capacity, config.baselines["type_prior"])
         self.vocab = Vocabulary(config.vocab)
         with torch.no_grad():
+            self._vocab_vectors = self.net.vocab_vectors()
             self._h0 = net.h0.detach().cpu().numpy().copy()
             self._c0 = net.c0.detach().cpu().numpy().copy()
 
@@ -260,7 +261,7 @@ class ProfileModel:
         net = self.net
         *memory, type_share = self.candidate_tensors(cands)
         profile = net.profile(h)
-        top_idx, top_scores = net.top_categories(h, profile, *memory, self.top_k)
+        top_idx, top_scores = net.top_categories(h, profile, *memory, self.top_k, self._vocab_vectors)
         intent = torch.softmax(net.intent_logits(h, type_share), dim=1)
         return torch.cat([intent, profile, top_idx.to(h.dtype), top_scores], dim=1)
 

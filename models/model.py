@@ -161,9 +161,13 @@ class ProfileLSTM(nn.Module):
         return F.normalize(self.profile_head(self.drop(h)), dim=-1)
 
     def category_scores(self, h: torch.Tensor, profile: torch.Tensor, cand_buckets: torch.Tensor,
-                        cand_features: torch.Tensor, cand_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        cand_features: torch.Tensor, cand_valid: torch.Tensor,
+                        vocab_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the M users' C remembered categories [M, C] (-inf for empty slots) and of the
-        V vocabulary entries [M, V] (not yet excluding the ones the user remembers)."""
+        V vocabulary entries [M, V] (not yet excluding the ones the user remembers).
+
+        Inference passes ``vocab_vectors`` computed once: with frozen weights they
+        never change, and recomputing them cost a tenth of a small online batch."""
         query = profile * self.logit_scale
         cand_vec = self.category_vectors(cand_buckets)                          # [M, C, D]
         rank = self.rank_emb.weight.unsqueeze(0).expand(h.shape[0], -1, -1)      # [M, C, 8]
@@ -171,7 +175,9 @@ class ProfileLSTM(nn.Module):
         memory = (cand_vec @ query.unsqueeze(-1)).squeeze(-1) + self.cand_mlp(
             torch.cat([cand_features, rank, ctx], dim=-1)).squeeze(-1)
         memory = memory.masked_fill(~cand_valid, float("-inf"))
-        vocab = torch.addmm(self.vocab_bias, query, self.vocab_vectors().T)      # [M, V]
+        if vocab_vectors is None:
+            vocab_vectors = self.vocab_vectors()
+        vocab = torch.addmm(self.vocab_bias, query, vocab_vectors.T)             # [M, V]
         return memory, vocab
 
     def category_logits(self, h: torch.Tensor, profile: torch.Tensor, cand_buckets: torch.Tensor,
@@ -189,13 +195,13 @@ class ProfileLSTM(nn.Module):
 
     def top_categories(self, h: torch.Tensor, profile: torch.Tensor, cand_buckets: torch.Tensor,
                        cand_features: torch.Tensor, cand_valid: torch.Tensor, cand_vocab: torch.Tensor,
-                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       k: int, vocab_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The top k of :meth:`category_logits` as (indices into [C + V], scores), each [M, k].
 
         Same ranking without a full masking pass over [M, V]: only the few
         remembered vocabulary entries are overwritten.
         """
-        memory, vocab = self.category_scores(h, profile, cand_buckets, cand_features, cand_valid)
+        memory, vocab = self.category_scores(h, profile, cand_buckets, cand_features, cand_valid, vocab_vectors)
         taken = cand_valid & (cand_vocab >= 0)
         # min-reduce -inf into remembered entries, +inf (a no-op) elsewhere: no mask pass, no device sync
         vocab.scatter_reduce_(1, cand_vocab.clamp(min=0), torch.where(taken, float("-inf"), float("inf")), "amin")

@@ -20,7 +20,8 @@ import faust
 from models import ProfileModel
 
 from .batch_consumer import install as install_batch_consumer
-from .kafka_config import faust_credentials
+from .end_offsets import EndOffsetProbe
+from .kafka_config import aiokafka_options, faust_credentials
 from .lookup import register_lookup
 from .metrics import Metrics
 from .monitor import sample
@@ -83,9 +84,10 @@ def faust_config(settings: Settings) -> dict[str, object]:
     if credentials is not None:
         conf["broker_credentials"] = credentials
     if settings.embedded_broker:
-        # See kafka_config.py for the end-offset quirk; faust's default group timeouts
-        # make a lone worker wait ~30 s to join the embedded broker's group.
-        conf.update(producer_max_batch_size=1, broker_session_timeout=6.0,
+        # faust's default group timeouts make a lone worker wait ~30 s to join the
+        # embedded broker's group.  (Its end-offset quirk is handled by the consumer's
+        # EndOffsetProbe, so this producer batches as it would against Apache Kafka.)
+        conf.update(broker_session_timeout=6.0,
                     broker_rebalance_timeout=6.0, broker_heartbeat_interval=1.0)
     return conf
 
@@ -101,6 +103,13 @@ def fetch_max_wait_ms(settings: Settings) -> int:
     return settings.fetch_max_wait_ms
 
 
+def rocksdb_options(settings: Settings) -> dict[str, int]:
+    """Memory bounds of each state partition's RocksDB (faust's defaults allow ~2.2 GiB each)."""
+    mib = 1024 * 1024
+    return {"write_buffer_size": settings.rocksdb_write_buffer_mb * mib, "max_write_buffer_number": 2,
+            "block_cache_size": settings.rocksdb_block_cache_mb * mib}
+
+
 def to_source_record(msg: faust.types.Message) -> SourceRecord:
     return SourceRecord(msg.topic, msg.partition, msg.offset, int(msg.timestamp * 1000), msg.key, msg.value,
                         tuple(msg.headers or ()))
@@ -114,7 +123,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
                        value_serializer="raw", partitions=settings.partitions)
     # Values are our binary state records; they are read and written through
     # TableStateStore (raw bytes), never through table[key].
-    table = app.Table(TABLE_NAME, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+    table = app.Table(TABLE_NAME, partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                      options=rocksdb_options(settings))
     store = TableStateStore(table)
     publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic)
     processor = BatchProcessor(model, store, publisher, metrics,
@@ -138,7 +148,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
             os.kill(os.getpid(), signal.SIGTERM)
             raise
 
-    install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings))
+    probe = EndOffsetProbe(aiokafka_options(settings)) if settings.embedded_broker else None
+    install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings), probe)
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)

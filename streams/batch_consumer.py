@@ -45,6 +45,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from mode import ServiceT
 
+from .end_offsets import EndOffsetProbe
+
 log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
@@ -84,6 +86,9 @@ class BatchingConsumer(FetchWaitConsumer):
     #: Set by :func:`install` before the worker starts.
     batch_topics: frozenset[str] = frozenset()
     batch_handler: BatchHandler | None = None
+    #: Embedded broker only: corrects its end offsets (streams/end_offsets.py), which
+    #: faust's changelog recovery and the lag monitor read through :meth:`highwaters`.
+    end_offset_probe: EndOffsetProbe | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -98,6 +103,17 @@ class BatchingConsumer(FetchWaitConsumer):
         # mutate while the fetch waits; emptied, aiokafka returns every partition.
         snapshot = None if active_partitions is None else set(active_partitions)
         return await super()._getmany(snapshot, timeout)
+
+    async def highwaters(self, *partitions: TP) -> Any:
+        reported = await super().highwaters(*partitions)
+        if self.end_offset_probe is None:
+            return reported
+        return await self.end_offset_probe.exact(reported)
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if self.end_offset_probe is not None:
+            await self.end_offset_probe.close()
 
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
         for tp in revoked:
@@ -205,10 +221,11 @@ def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_
     app.transport = transport_cls(app.conf.broker_consumer, app)
 
 
-def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int) -> None:
+def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int,
+            end_offset_probe: EndOffsetProbe | None = None) -> None:
     """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
     _use_consumer(app, BatchingConsumer, fetch_max_wait_ms, batch_topics=frozenset(topics),
-                  batch_handler=staticmethod(handler))
+                  batch_handler=staticmethod(handler), end_offset_probe=end_offset_probe)
 
 
 def install_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:

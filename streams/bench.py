@@ -229,16 +229,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                      report["preload_events_per_s"])
             budget = max(120.0, opts.events / 500.0)
             if "passthrough" in opts.modes:
-                # (a) follows this project's producer rule for the embedded broker (one record per
-                # producer batch, as ProfileStream's own producer); (a') lets aiokafka batch freely.
                 report["passthrough"] = run_mode(mode_args("passthrough", bootstrap, topic, opts.events,
-                                                           "bench-pass", workdir, opts), workdir, budget)
+                                                           "bench-pass", workdir, opts, linger_ms=5),
+                                                 workdir, budget)
                 log.info("passthrough: %.0f events/s", report["passthrough"]["events_per_s"])
-                report["passthrough_batched"] = run_mode(mode_args(
-                    "passthrough", bootstrap, topic, opts.events, "bench-pass-batched", workdir, opts,
-                    batched=1, linger_ms=5), workdir, budget)
-                log.info("passthrough, batching producer: %.0f events/s",
-                         report["passthrough_batched"]["events_per_s"])
             if "naive" in opts.modes:
                 report["naive"] = run_mode(mode_args("naive", bootstrap, topic, opts.events, "bench-naive",
                                                      workdir, opts, seconds=opts.naive_seconds),
@@ -256,10 +250,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    ps, pt, pb, nv = (report.get(k, {}).get("events_per_s")
-                      for k in ("profilestream", "passthrough", "passthrough_batched", "naive"))
+    ps, pt, nv = (report.get(k, {}).get("events_per_s") for k in ("profilestream", "passthrough", "naive"))
     report["ratios"] = {"profilestream_vs_passthrough": round(ps / pt, 3) if ps and pt else None,
-                        "profilestream_vs_passthrough_batched": round(ps / pb, 3) if ps and pb else None,
                         "profilestream_vs_naive": round(ps / nv, 1) if ps and nv else None}
     return report
 
@@ -298,7 +290,7 @@ def format_report(r: dict[str, Any]) -> str:
              f"device {c['device']}, {c['cpus']} CPUs, {c['broker']}",
              f"  preload                 {r.get('preload_events_per_s', 0):>10,.0f} events/s", ""]
     lines.append(f"  {'mode':<24}{'events/s':>10}{'events':>10}{'outputs':>10}{'seconds':>9}{'peak RSS':>10}")
-    for key, label in (("passthrough", "(a) passthrough"), ("passthrough_batched", "(a') passthrough, batching"),
+    for key, label in (("passthrough", "(a) passthrough"),
                        ("naive", "(b) naive faust agent"),
                        ("profilestream", "(c) ProfileStream")):
         m = r.get(key)
@@ -309,8 +301,6 @@ def format_report(r: dict[str, Any]) -> str:
     ratios = r.get("ratios", {})
     if ratios.get("profilestream_vs_passthrough") is not None:
         lines.append(f"  c/a = {ratios['profilestream_vs_passthrough']:.2f}  (target >= 0.50)")
-    if ratios.get("profilestream_vs_passthrough_batched") is not None:
-        lines.append(f"  c/a' = {ratios['profilestream_vs_passthrough_batched']:.2f}  (against the freely batching producer)")
     if ratios.get("profilestream_vs_naive") is not None:
         lines.append(f"  c/b = {ratios['profilestream_vs_naive']:.1f}x  (target >= 10x)")
     ps = r.get("profilestream")

@@ -102,17 +102,15 @@ async def _passthrough(args: argparse.Namespace) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from .app import fetch_max_wait_ms
-    from .kafka_config import aiokafka_producer_options
+    from .kafka_config import aiokafka_options
     settings = worker_settings(args, args.name)
     consumer = AIOKafkaConsumer(
         args.topic, bootstrap_servers=args.bootstrap, group_id=f"{args.name}-group",
         auto_offset_reset="earliest", enable_auto_commit=True, max_poll_records=settings.batch_max,
         fetch_max_wait_ms=fetch_max_wait_ms(settings),
         fetch_max_bytes=args.fetch_max_bytes, max_partition_fetch_bytes=args.max_partition_fetch_bytes)
-    options = aiokafka_producer_options(settings)
-    if args.batched:  # the client's own batching, without the embedded broker's one-record batches
-        options.pop("max_batch_size", None)
-    producer = AIOKafkaProducer(**options, linger_ms=args.linger_ms)
+    # Batching freely, as the worker's own producer does (streams/end_offsets.py).
+    producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=args.linger_ms)
     await producer.start()
     await consumer.start()
     out_topic = f"{args.name}.out"
@@ -135,7 +133,7 @@ async def _passthrough(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await consumer.stop()
         await producer.stop()
-    return {"mode": "passthrough", "batched_producer": bool(args.batched), "events": n, "outputs": n, "seconds": round(elapsed, 3),
+    return {"mode": "passthrough", "events": n, "outputs": n, "seconds": round(elapsed, 3),
             "events_per_s": round(n / max(elapsed, 1e-9), 1), "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -405,8 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedded", type=int, default=1, help="1: apply the embedded broker's workarounds")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of latencies to leave out")
     p.add_argument("--linger-ms", type=int, default=0, help="producer linger (passthrough)")
-    p.add_argument("--batched", type=int, default=0,
-                   help="passthrough: 1 = let the producer batch records (no one-record batches)")
     p.add_argument("--fetch-max-bytes", type=int, default=52_428_800)
     p.add_argument("--max-partition-fetch-bytes", type=int, default=1_048_576)
     p.add_argument("--torch-threads", type=int, default=1,

@@ -25,7 +25,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
-from .kafka_config import aiokafka_options, aiokafka_producer_options
+from .end_offsets import end_offsets
+from .kafka_config import aiokafka_options
 from .settings import Settings
 from .topics import assign_whole_topic, caught_up
 
@@ -59,7 +60,7 @@ async def ensure_changelog(settings: Settings) -> None:
 
 async def send_records(settings: Settings, topic: str, records: Iterable[ChangelogRecord]) -> int:
     """Send records to explicit partitions, in order, and wait until all are acknowledged."""
-    producer = AIOKafkaProducer(**aiokafka_producer_options(settings), linger_ms=5)
+    producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=5)
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key, partition=partition)
@@ -83,7 +84,7 @@ async def read_latest(settings: Settings, timeout_s: float = 120.0) -> dict[byte
         if not consumer.partitions_for_topic(settings.changelog_topic):
             return {}
         tps = await assign_whole_topic(consumer, settings.changelog_topic)
-        ends = await consumer.end_offsets(tps)
+        ends = await end_offsets(consumer, tps, settings)
         latest: dict[bytes, tuple[int, bytes | None]] = {}
         deadline = time.monotonic() + timeout_s
         while not await caught_up(consumer, ends):
@@ -113,7 +114,8 @@ async def newest_values(settings: Settings, tail: int = 16) -> list[bytes]:
             return []
         tps = [TopicPartition(settings.changelog_topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        ends = await end_offsets(consumer, tps, settings)
         newest: dict[TopicPartition, bytes] = {}
         pending = {tp for tp in tps if ends[tp] > starts[tp]}
         for tp in pending:

@@ -26,7 +26,8 @@ from models.events import Event, event_to_dict
 
 from .app import ProfileStreamApp
 from .broker import EmbeddedBroker, free_port
-from .kafka_config import aiokafka_options, aiokafka_producer_options
+from .end_offsets import end_offsets
+from .kafka_config import aiokafka_options
 from .processor import BatchReport
 from .settings import Settings
 from .topics import assign_whole_topic, caught_up
@@ -76,7 +77,7 @@ def encode_event(event: Event) -> tuple[bytes, bytes]:
 
 async def produce_events(settings: Settings, events: list[Event] | None, opts: DemoOptions) -> None:
     """Send a real log (``events``) or endless synthetic traffic at ``opts.rate`` events/s."""
-    producer = AIOKafkaProducer(**aiokafka_producer_options(settings), linger_ms=5)
+    producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=5)
     await producer.start()
     try:
         traffic = SyntheticTraffic(users=opts.users, seed=int(time.time()))
@@ -107,7 +108,8 @@ async def follow_profiles(settings: Settings, latest: dict[str, dict], until_end
     await consumer.start()
     try:
         tps = await assign_whole_topic(consumer, settings.profiles_topic)
-        ends = await consumer.end_offsets(tps) if until_end else {}
+        ends = (await end_offsets(consumer, tps, settings)
+                if until_end else {})
         while not (until_end and await caught_up(consumer, ends)):
             batches = await consumer.getmany(timeout_ms=500)
             for messages in batches.values():

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from models.events import MAX_ID_CHARS, EventError
 
-from .kafka_config import aiokafka_producer_options
+from .kafka_config import aiokafka_options
 from .records import SourceRecord
 from .settings import Settings
 
@@ -65,7 +65,7 @@ def forget_target(record: SourceRecord) -> str:
 
 async def request_forget(settings: Settings, user_ids: Sequence[str]) -> None:
     """Produce one forget request per user and wait until the broker has them all."""
-    producer = AIOKafkaProducer(**aiokafka_producer_options(settings), acks="all")
+    producer = AIOKafkaProducer(**aiokafka_options(settings), acks="all")
     await producer.start()
     try:
         futures = [await producer.send(settings.events_topic, None, key=user_id.encode(),

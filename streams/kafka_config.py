@@ -59,21 +59,3 @@ def kafka_python_options(settings: Settings) -> dict[str, Any]:
         opts.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
                     sasl_plain_password=settings.sasl_password)
     return opts
-
-
-# Tansu reports a partition's end offset as (first offset of its last record
-# batch + 1), so with multi-record batches consumers see too-low end offsets:
-# faust's changelog recovery then skips records and restarts fail with
-# ConsistencyError.  One record per batch avoids it; Apache Kafka needs none of this.
-def aiokafka_producer_options(settings: Settings) -> dict[str, Any]:
-    opts = aiokafka_options(settings)
-    if settings.embedded_broker:
-        opts["max_batch_size"] = 1
-    return opts
-
-
-def kafka_python_producer_options(settings: Settings) -> dict[str, Any]:
-    opts = kafka_python_options(settings)
-    if settings.embedded_broker:
-        opts["batch_size"] = 1
-    return opts

@@ -25,12 +25,11 @@ from kafka.producer.future import FutureRecordMetadata
 
 from models.events import Event, EventError, event_from_dict, event_to_dict
 
-from .kafka_config import kafka_python_producer_options
+from .kafka_config import kafka_python_options
 from .settings import Settings
 from .validate import check_message
 
-#: Batching defaults: wait up to 10 ms to fill batches of up to 64 KiB (~300
-#: events).  Against the embedded broker, ``batch_size`` is forced to 1.
+#: Batching defaults: wait up to 10 ms to fill batches of up to 64 KiB (~300 events).
 DEFAULT_OPTIONS: dict[str, Any] = {"linger_ms": 10, "batch_size": 64 * 1024, "acks": "all"}
 
 
@@ -63,7 +62,7 @@ class EventProducer:
 
     def __init__(self, settings: Settings, **kafka_options: Any) -> None:
         self.topic = settings.events_topic
-        options = {**DEFAULT_OPTIONS, **kafka_options, **kafka_python_producer_options(settings)}
+        options = {**DEFAULT_OPTIONS, **kafka_options, **kafka_python_options(settings)}
         self._producer = KafkaProducer(**options)
         self._lock = threading.Lock()
         self._failures: list[DeliveryFailure] = []

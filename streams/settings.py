@@ -53,6 +53,13 @@ class Settings:
         "PROFILESTREAM_ON_MODEL_MISMATCH", "refuse",
         "What a worker does with stored states of another model: refuse (do not start) or reset "
         "(discard them, those users start afresh). See docs/lifecycle.md.")
+    rocksdb_write_buffer_mb: int = _env_field(
+        "PROFILESTREAM_ROCKSDB_WRITE_BUFFER_MB", 8,
+        "RocksDB memtable size per state partition (two at most). Every state write lands in one "
+        "until it is flushed, so this, not the event count, bounds write memory (faust's default: 3 x 64).")
+    rocksdb_block_cache_mb: int = _env_field(
+        "PROFILESTREAM_ROCKSDB_BLOCK_CACHE_MB", 32,
+        "RocksDB block cache per state partition: hot users' states read from disk (faust's default: 2048).")
     data_dir: Path = _env_field(
         "PROFILESTREAM_DATA_DIR", Path(".profilestream"), "Directory for RocksDB state and faust metadata.")
     web_host: str = _env_field(
@@ -75,7 +82,7 @@ class Settings:
         "PROFILESTREAM_STATE_TTL_SWEEP_S", 3600.0, "Seconds between idle-state sweeps (with a TTL set).")
     embedded_broker: bool = _env_field(
         "PROFILESTREAM_EMBEDDED_BROKER", False,
-        "Apply the embedded (Tansu) broker's workarounds: one record per producer batch, short "
+        "Apply the embedded (Tansu) broker's workarounds: probed end offsets, a 10 ms fetch wait, short "
         "group timeouts. Set automatically by `demo`; never needed against Apache Kafka.")
     log_level: str = _env_field("PROFILESTREAM_LOG_LEVEL", "info", "Log level of the service.")
     security_protocol: str = _env_field(
@@ -110,6 +117,8 @@ class Settings:
             problems.append("PROFILESTREAM_PARTITIONS must be >= 1")
         if self.batch_max < 1:
             problems.append("PROFILESTREAM_BATCH_MAX must be >= 1")
+        if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:
+            problems.append("PROFILESTREAM_ROCKSDB_WRITE_BUFFER_MB and _BLOCK_CACHE_MB must be >= 1")
         if self.state_ttl_days < 0:
             problems.append("PROFILESTREAM_STATE_TTL_DAYS must be >= 0 (0 = off)")
         if self.state_ttl_sweep_s <= 0:

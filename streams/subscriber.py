@@ -39,6 +39,9 @@ class ProfileSubscriber:
                  poll_timeout_ms: int = 200) -> None:
         self.topic = settings.profiles_topic
         self._options = kafka_python_options(settings)
+        # The embedded broker under-reports end offsets (streams/end_offsets.py): past
+        # them, the rest of the last record batch may still sit in the consumer's buffer.
+        self._confirm_with_empty_poll = settings.embedded_broker
         self._on_update = on_update
         self._poll_timeout_ms = poll_timeout_ms
         self._profiles: dict[str, Profile] = {}
@@ -110,9 +113,12 @@ class ProfileSubscriber:
             consumer.seek_to_beginning(*partitions)
             ends = consumer.end_offsets(partitions)
             while not self._stop.is_set():
-                for records in consumer.poll(timeout_ms=self._poll_timeout_ms).values():
+                polled = consumer.poll(timeout_ms=self._poll_timeout_ms)
+                for records in polled.values():
                     self._apply(records)
-                if not self._caught_up.is_set() and all(consumer.position(tp) >= ends[tp] for tp in partitions):
+                if self._caught_up.is_set() or (polled and self._confirm_with_empty_poll):
+                    continue
+                if all(consumer.position(tp) >= ends[tp] for tp in partitions):
                     log.info("profile subscriber caught up with %s: %d users", self.topic, len(self))
                     self._caught_up.set()
         except BaseException as exc:

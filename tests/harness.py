@@ -31,6 +31,7 @@ from models import ProfileModel
 from models.events import EVENT_TYPES, Event
 from streams.broker import free_port
 from streams.demo import DemoOptions, encode_event, produce_events
+from streams.end_offsets import EndOffsetProbe
 from streams.settings import Settings
 from streams.topics import assign_whole_topic, caught_up, ensure_topics
 from streams.traffic import SyntheticTraffic
@@ -87,9 +88,9 @@ class Deployment:
 
 def produce_raw(bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]],
                 headers: Sequence[tuple[str, bytes]] | None = None) -> int:
-    """Send (key, value) pairs in order, one record per batch (see kafka_config.py)."""
+    """Send (key, value) pairs in order."""
     async def go() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=1, linger_ms=2)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
         await producer.start()
         try:
             futures = [await producer.send(topic, value, key=key, headers=headers) for key, value in messages]
@@ -107,7 +108,11 @@ def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord]:
         await consumer.start()
         try:
             tps = await assign_whole_topic(consumer, topic)
-            ends = await consumer.end_offsets(tps)
+            probe = EndOffsetProbe({"bootstrap_servers": bootstrap})
+            try:
+                ends = await probe.exact(await consumer.end_offsets(tps))
+            finally:
+                await probe.close()
             out: list[ConsumerRecord] = []
             deadline = time.monotonic() + 30
             while not await caught_up(consumer, ends):
@@ -350,7 +355,7 @@ class BackgroundProducer:
 
     async def _produce(self) -> None:
         # Long retries: the broker may be stalled (SIGSTOP) while we produce.
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, max_batch_size=1, linger_ms=2,
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=2,
                                     request_timeout_ms=60_000)
         await producer.start()
         try:

@@ -18,8 +18,7 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from kafka import KafkaConsumer, KafkaProducer
 
 from streams.app import faust_config
-from streams.kafka_config import (aiokafka_options, aiokafka_producer_options,
-                                  kafka_python_options, kafka_python_producer_options)
+from streams.kafka_config import aiokafka_options, kafka_python_options
 from streams.settings import Settings
 
 
@@ -63,14 +62,14 @@ def test_faust_gets_sasl_ssl_scram_512_credentials(settings: Settings) -> None:
 
 
 def test_aiokafka_gets_sasl_ssl_scram_512_options(settings: Settings) -> None:
-    for opts in (aiokafka_options(settings), aiokafka_producer_options(settings)):
+    for opts in (aiokafka_options(settings),):
         assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_mechanism"] == "SCRAM-SHA-512"
         assert (opts["sasl_plain_username"], opts["sasl_plain_password"]) == ("profilestream", "s3cret")
         assert_verifies_brokers(opts["ssl_context"])
 
     async def construct() -> None:  # the constructors validate the options without connecting
         consumer = AIOKafkaConsumer(**aiokafka_options(settings))
-        producer = AIOKafkaProducer(**aiokafka_producer_options(settings))
+        producer = AIOKafkaProducer(**aiokafka_options(settings))
         assert consumer._client._sasl_mechanism == producer.client._sasl_mechanism == "SCRAM-SHA-512"
         assert consumer._client._security_protocol == "SASL_SSL"
     asyncio.run(construct())
@@ -78,7 +77,7 @@ def test_aiokafka_gets_sasl_ssl_scram_512_options(settings: Settings) -> None:
 
 def test_kafka_python_gets_sasl_ssl_scram_512_options(settings: Settings, ca_file: Path) -> None:
     for opts, client in ((kafka_python_options(settings), KafkaConsumer),
-                         (kafka_python_producer_options(settings), KafkaProducer)):
+                         (kafka_python_options(settings), KafkaProducer)):
         assert set(opts) <= set(client.DEFAULT_CONFIG), set(opts) - set(client.DEFAULT_CONFIG)
         assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_mechanism"] == "SCRAM-SHA-512"
         assert (opts["sasl_plain_username"], opts["sasl_plain_password"]) == ("profilestream", "s3cret")
