@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import ProfileModel
@@ -99,6 +99,23 @@ def produce_raw(bootstrap: str, topic: str, messages: Sequence[tuple[bytes | Non
             await producer.stop()
     asyncio.run(go())
     return len(messages)
+
+
+def exact_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """partition -> end offset of ``topic``, probed exact (the embedded broker under-reports them)."""
+    async def go() -> dict[int, int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        probe = EndOffsetProbe({"bootstrap_servers": bootstrap})
+        await consumer.start()
+        try:
+            await consumer.topics()
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            ends = await probe.exact(await consumer.end_offsets(tps)) if tps else {}
+            return {tp.partition: end for tp, end in ends.items()}
+        finally:
+            await probe.close()
+            await consumer.stop()
+    return asyncio.run(go())
 
 
 def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord]:

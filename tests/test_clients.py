@@ -22,7 +22,6 @@ from typing import Any, Iterator
 import jsonschema
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from models.events import Event, EventError
 from streams.broker import EmbeddedBroker
@@ -35,7 +34,7 @@ from streams.subscriber import ProfileSubscriber
 from streams.traffic import SyntheticTraffic
 from streams.validate import check_message
 
-from .harness import REPO, Deployment, WorkerProcess, produce_raw, wait_for
+from .harness import REPO, Deployment, WorkerProcess, exact_end_offsets, produce_raw, wait_for
 
 SCHEMAS = REPO / "streams" / "schemas"
 EVENT_SCHEMA = json.loads((SCHEMAS / "event.schema.json").read_text())
@@ -50,15 +49,6 @@ def now_ms() -> int:
 def good(**overrides: Any) -> dict[str, Any]:
     return {"event_id": "e1", "user_id": "u1", "type": "cart", "item_id": "i1", "category_id": "c1",
             "price": 9.5, "timestamp": now_ms() - 1000, **overrides}
-
-
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        return {tp.partition: end for tp, end in consumer.end_offsets(tps).items()}
-    finally:
-        consumer.close()
 
 
 # -- producer -----------------------------------------------------------------
@@ -81,7 +71,7 @@ def test_producer_refuses_invalid_events_with_their_reason_before_sending(deploy
             with pytest.raises(EventError) as info:
                 producer.send(event)
             assert info.value.reason == reason, (event, info.value)
-    assert sum(end_offsets(deployment.bootstrap, deployment.settings.events_topic).values()) == 0
+    assert sum(exact_end_offsets(deployment.bootstrap, deployment.settings.events_topic).values()) == 0
 
 
 def test_produced_messages_are_keyed_by_user_and_decode_to_the_contract(deployment: Deployment) -> None:
@@ -107,8 +97,7 @@ def test_produced_messages_are_keyed_by_user_and_decode_to_the_contract(deployme
         else:
             assert event == by_id[event.event_id]
     assert all(len(p) == 1 for p in partitions.values())  # keyed: one partition per user
-    # One record per batch on the embedded broker, so end offsets count every record (kafka_config.py).
-    assert sum(end_offsets(deployment.bootstrap, deployment.settings.events_topic).values()) == len(records)
+    assert sum(exact_end_offsets(deployment.bootstrap, deployment.settings.events_topic).values()) == len(records)
 
 
 def test_delivery_failures_reach_the_future_and_flush(tmp_path: Path) -> None:
@@ -191,7 +180,7 @@ def test_produce_synthetic_forever_until_sigterm(deployment: Deployment) -> None
          "--forever"], cwd=REPO, env=deployment.env(deployment.tmp / "unused", 0),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: sum(end_offsets(deployment.bootstrap, deployment.settings.events_topic).values()) > 100,
+        wait_for(lambda: sum(exact_end_offsets(deployment.bootstrap, deployment.settings.events_topic).values()) > 100,
                  60, what="more than two rounds of 40 events")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
