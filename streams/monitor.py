@@ -33,7 +33,11 @@ async def sample(app: faust.App, settings: Settings, metrics: Metrics, processor
     metrics.set_users_in_state(store.count())
     if not assigned or app.rebalancing:
         return
-    ends = await app.consumer.highwaters(*assigned)
+    try:
+        ends = await app.consumer.highwaters(*assigned)
+    except Exception as exc:  # noqa: BLE001 - a stalled broker must not crash the worker through its monitor
+        log.warning("lag not sampled: end offsets unavailable (%r)", exc)
+        return
     now_ms = time.time() * 1000
     for tp in assigned:
         offset, ts_ms = processor.progress.get(tp.partition, (-1, now_ms))
