@@ -108,13 +108,28 @@ class Candidates:
 
 @dataclass
 class FeatureBatch:
-    """Inputs of B users' new events, padded to [T, B] (time-major, like nn.LSTM)."""
+    """Inputs of B users' new events as flat rows, user-major (user 0's events in order, then user 1's...).
 
-    ints: np.ndarray          # int64 [T, B, N_INT_INPUTS]
-    dense: np.ndarray         # float32 [T, B, len(DENSE_FEATURES)]
-    lengths: np.ndarray       # int64 [B], >= 1
+    Flat, not padded: one online batch mixes a heavy user's hundreds of events
+    with hundreds of users' single events, so a [T, B] grid would be mostly
+    padding.  :meth:`padded` builds the grid where a caller wants one.
+    """
+
+    ints: np.ndarray          # int64 [N, N_INT_INPUTS]
+    dense: np.ndarray         # float32 [N, len(DENSE_FEATURES)]
+    lengths: np.ndarray       # int64 [B], >= 1, summing to N
     candidates: Candidates    # after each user's last event, or after every event (user-major)
-    cat_keys: np.ndarray      # uint64 [sum(lengths)], the events' category keys, user-major
+    cat_keys: np.ndarray      # uint64 [N], the events' category keys
+
+    def padded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ints [T, B, 5], dense [T, B, F]) time-major and zero-padded, as ``nn.LSTM`` takes them."""
+        t_idx, b_idx = padded_index(self.lengths)
+        shape = (int(self.lengths.max()), len(self.lengths))
+        ints = np.zeros(shape + self.ints.shape[1:], dtype=self.ints.dtype)
+        ints[t_idx, b_idx] = self.ints
+        dense = np.zeros(shape + self.dense.shape[1:], dtype=self.dense.dtype)
+        dense[t_idx, b_idx] = self.dense
+        return ints, dense
 
 
 class Featurizer:
@@ -133,7 +148,11 @@ class Featurizer:
         return Recent(self.cat_capacity, True), Recent(self.item_capacity, False)
 
     def _event(self, state: UserState, event: Event) -> tuple[tuple[int, ...], tuple[float, ...], int]:
-        """Inputs of one event from the memory before it; updates the memory (in place)."""
+        """Inputs of one event from the memory before it; updates the memory (in place).
+
+        Returns the raw numbers :func:`dense_features` turns into the dense
+        inputs (logs, ratios and clock angles are cheaper as numpy over the batch).
+        """
         kind = TYPE_INDEX[event.type]
         bit = _BITS[kind]
         ts = event.timestamp_ms
@@ -141,24 +160,13 @@ class Featurizer:
         cats, items = state.categories, state.items
         cat_key = stable_hash(event.category_id)
         item_key = stable_hash(event.item_id)
-        same_item = float(items.size > 0 and items.keys[0] == item_key)
-        same_cat = float(cats.size > 0 and cats.keys[0] == cat_key)
+        same_item = items.size > 0 and items.keys[0] == item_key
+        same_cat = cats.size > 0 and cats.keys[0] == cat_key
         item_count, item_flags, _ = items.touch(item_key, "", bit, n + 1, ts)
         cat_count, cat_flags, cat_seen_at = cats.touch(cat_key, event.category_id, bit, n + 1, ts)
-
-        gap_s = max(ts - state.last_timestamp_ms, 0) / 1000.0 if n else 0.0
-        t_s = ts / 1000.0
-        day = 2 * math.pi * (t_s % _DAY_S) / _DAY_S
-        week = 2 * math.pi * (t_s % _WEEK_S) / _WEEK_S
         counts, recent = state.type_counts, state.recent_types
-        recent_total = 1.0 + sum(recent)
-        dense = (
-            math.log1p(gap_s) / 10, float(n == 0), math.sin(day), math.cos(day), math.sin(week), math.cos(week),
-            math.log1p(n) / 5, *[math.log1p(k) / 5 for k in counts], *[r / recent_total for r in recent],
-            float(item_count > 0), math.log1p(item_count) / 3, *_FLAG_FLOATS[item_flags], same_item,
-            float(cat_count > 0), math.log1p(cat_count) / 3, *_FLAG_FLOATS[cat_flags], same_cat,
-            math.log1p(n + 1 - cat_seen_at) / 3 if cat_count else 0.0,
-        )
+        raw = (ts - state.last_timestamp_ms if n else 0, n, ts, *counts, *recent,
+               item_count, item_flags, same_item, cat_count, cat_flags, same_cat, n + 1 - cat_seen_at)
         ints = (kind, cat_key & 0xFFFFFFFF, cat_key >> 32, item_key % self.item_buckets,
                 price_bucket(event.price, self.price_buckets))
 
@@ -168,7 +176,7 @@ class Featurizer:
         recent[kind] += 1.0
         state.n_events = n + 1
         state.last_timestamp_ms = ts
-        return ints, dense, cat_key
+        return ints, raw, cat_key
 
     @staticmethod
     def _snapshot(state: UserState) -> tuple[list[int], list[float], list[str]]:
@@ -225,15 +233,37 @@ class Featurizer:
             if not every_event:
                 snaps.append(self._snapshot(state))
 
-        t_idx, b_idx = padded_index(lengths)
-        shape = (int(lengths.max()), len(lengths))
-        ints_pad = np.zeros(shape + (N_INT_INPUTS,), dtype=np.int64)
         ints_arr = np.array(ints, dtype=np.uint64)
         ints_arr[:, 1:3] %= np.uint64(self.cat_buckets)
-        ints_pad[t_idx, b_idx] = ints_arr.astype(np.int64)
-        dense_pad = np.zeros(shape + (len(DENSE_FEATURES),), dtype=np.float32)
-        dense_pad[t_idx, b_idx] = np.array(dense, dtype=np.float32)
-        return FeatureBatch(ints_pad, dense_pad, lengths, self._candidates(snaps), np.array(cat_keys, dtype=np.uint64))
+        return FeatureBatch(ints_arr.astype(np.int64), dense_features(np.array(dense, dtype=np.float64)), lengths,
+                            self._candidates(snaps), np.array(cat_keys, dtype=np.uint64))
+
+
+#: Columns of the raw per-event numbers :meth:`Featurizer._event` returns.
+_GAP, _N, _TS, _COUNTS, _RECENT = 0, 1, 2, slice(3, 3 + N_TYPES), slice(3 + N_TYPES, 3 + 2 * N_TYPES)
+_ITEM_COUNT, _ITEM_FLAGS, _SAME_ITEM, _CAT_COUNT, _CAT_FLAGS, _SAME_CAT, _CAT_SINCE = range(3 + 2 * N_TYPES,
+                                                                                      10 + 2 * N_TYPES)
+_FLAG_TABLE = np.array(_FLAG_FLOATS, dtype=np.float64)
+
+
+def dense_features(raw: np.ndarray) -> np.ndarray:
+    """[N, raw columns] float64 -> [N, len(DENSE_FEATURES)] float32, in DENSE_FEATURES order."""
+    t_s = raw[:, _TS] / 1000.0
+    day = 2 * np.pi * (t_s % _DAY_S) / _DAY_S
+    week = 2 * np.pi * (t_s % _WEEK_S) / _WEEK_S
+    n = raw[:, _N]
+    recent = raw[:, _RECENT]
+    item_count, cat_count = raw[:, _ITEM_COUNT], raw[:, _CAT_COUNT]
+    columns = [
+        np.log1p(np.maximum(raw[:, _GAP], 0) / 1000.0) / 10, n == 0, np.sin(day), np.cos(day),
+        np.sin(week), np.cos(week), np.log1p(n) / 5, np.log1p(raw[:, _COUNTS]) / 5,
+        recent / (1.0 + recent.sum(axis=1, keepdims=True)),
+        item_count > 0, np.log1p(item_count) / 3, _FLAG_TABLE[raw[:, _ITEM_FLAGS].astype(np.int64)],
+        raw[:, _SAME_ITEM], cat_count > 0, np.log1p(cat_count) / 3,
+        _FLAG_TABLE[raw[:, _CAT_FLAGS].astype(np.int64)], raw[:, _SAME_CAT],
+        np.where(cat_count > 0, np.log1p(raw[:, _CAT_SINCE]) / 3, 0.0),
+    ]
+    return np.column_stack([c.reshape(len(raw), -1) for c in columns]).astype(np.float32)
 
 
 def padded_index(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -231,8 +231,9 @@ class ProfileModel:
         with _gc_paused():
             batch = self.featurizer.run(states, sequences, every_event=True)
         t_idx, b_idx = padded_index(batch.lengths)
+        ints, dense = batch.padded()
         with torch.no_grad():
-            out, _ = self.net(self.to_device(batch.ints), self.to_device(batch.dense))
+            out, _ = self.net(self.to_device(ints), self.to_device(dense))
             h = out[torch.from_numpy(t_idx).to(self.device), torch.from_numpy(b_idx).to(self.device)]
             heads = [self._head_tensor(h[s:s + _HEAD_CHUNK], _slice(batch.candidates, s, s + _HEAD_CHUNK))
                      for s in range(0, h.shape[0], _HEAD_CHUNK)]

@@ -120,34 +120,35 @@ class ProfileLSTM(nn.Module):
 
     def step_many(self, state: State, ints: torch.Tensor, dense: torch.Tensor,
                   lengths: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """Advance user b by its ``lengths[b]`` events (rows past that are padding).
+        """Advance user b by its ``lengths[b]`` events, given as flat rows, user-major
+        ([N, 5] ints, [N, F] dense: user 0's events in order, then user 1's, ...).
 
         Returns h after each user's last event [B, hidden] and the matching (h, c).
         """
-        if ints.shape[0] == 1:
-            return self.step(state, ints[0], dense[0])
+        if ints.shape[0] == lengths.shape[0]:
+            return self.step(state, ints, dense)
         _, (h, c) = self.lstm(self._pack(ints, dense, lengths), state)
         return h[0], (h, c)
 
     def _pack(self, ints: torch.Tensor, dense: torch.Tensor, lengths: torch.Tensor) -> PackedSequence:
-        """Embed only the real events, straight into packed order.
+        """Embed the events straight into packed order; no [T, B] grid is ever built.
 
-        With Zipf-distributed users one batch mixes a heavy user's 100 events
-        with a thousand users' single events, so embedding the padded [T, B]
-        grid and then packing it (``pack_padded_sequence``) spends ~50x the
-        work on padding.  This is the same PackedSequence, built from the rows
-        that exist: users sorted by length (descending, stable), events taken
-        time-major, exactly as ``pack_padded_sequence(enforce_sorted=False)`` orders them.
+        With Zipf-distributed users one batch mixes a heavy user's hundreds of
+        events with a thousand users' single events, so a padded grid is
+        mostly padding.  Packed order is what ``pack_padded_sequence(enforce_sorted=False)``
+        produces: users sorted by length (descending, stable), events time-major.
         """
         lengths = lengths.cpu()
         order = torch.sort(lengths, descending=True, stable=True).indices
-        steps = torch.arange(ints.shape[0])
-        batch_sizes = (lengths[None, :] > steps[:, None]).sum(dim=1)
-        batch_sizes = batch_sizes[batch_sizes > 0]
-        real = (steps[:, None] < lengths[order][None, :]).to(ints.device)  # [T, B] in sorted user order
+        sorted_lengths = lengths[order]
+        first_row = torch.cumsum(lengths, 0) - lengths                       # of each user, user-major
+        sorted_first = torch.cumsum(sorted_lengths, 0) - sorted_lengths       # of each user, sorted
+        step = torch.arange(int(sorted_lengths.sum())) - torch.repeat_interleave(sorted_first, sorted_lengths)
+        rows = torch.repeat_interleave(first_row[order], sorted_lengths) + step   # sorted users' rows, in order
+        packed = rows[torch.sort(step, stable=True).indices].to(ints.device)
         order_dev = order.to(ints.device)
-        data = self.embed(ints[:, order_dev][real], dense[:, order_dev][real])
-        return PackedSequence(data, batch_sizes, order_dev, torch.argsort(order_dev))
+        return PackedSequence(self.embed(ints[packed], dense[packed]), torch.bincount(step),
+                              order_dev, torch.argsort(order_dev))
 
     # -- heads ----------------------------------------------------------------
 

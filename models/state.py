@@ -73,20 +73,21 @@ class Recent:
 
         A new key evicts the least recent one when the table is full.
         """
-        columns = (self.keys, self.counts, self.flags, self.seen_at, self.seen_ts)
         try:
             row = self.keys.index(key, 0, self.size)
         except ValueError:
             row = -1
-        if row >= 0:
+        if row == 0:
+            before = (self.counts[0], self.flags[0], self.seen_at[0])  # already the most recent: no move
+        elif row > 0:
             before = (self.counts[row], self.flags[row], self.seen_at[row])
-            for col in columns:
+            for col in (self.keys, self.counts, self.flags, self.seen_at, self.seen_ts):
                 col.insert(0, col.pop(row))
             if self.labels is not None:
                 self.labels.insert(0, self.labels.pop(row))
         else:
             before = (0, 0, 0)
-            for col in columns:
+            for col in (self.keys, self.counts, self.flags, self.seen_at, self.seen_ts):
                 col.pop()
                 col.insert(0, 0)
             if self.labels is not None:

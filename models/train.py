@@ -91,7 +91,8 @@ def _prepare(sequences: list[list[Event]], model: ProfileModel) -> _Split:
     next_cat[last] = -1
 
     put = model.to_device
-    return _Split(put(batch.ints), put(batch.dense), lengths, starts, model.candidate_tensors(cands),
+    ints, dense = batch.padded()
+    return _Split(put(ints), put(dense), lengths, starts, model.candidate_tensors(cands),
                   put(next_type), put(next_cat))
 
 

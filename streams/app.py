@@ -78,6 +78,7 @@ def faust_config(settings: Settings) -> dict[str, object]:
         broker_max_poll_records=settings.batch_max,
         broker_commit_interval=1.0,
         producer_linger=0.005,
+        producer_max_batch_size=settings.producer_batch_bytes,
         worker_redirect_stdouts=False,
     )
     credentials = faust_credentials(settings)
@@ -141,7 +142,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
         """
         try:
             await processor.process([to_source_record(m) for m in messages])
-            await store.drain_changelog()
+            store.persist_acked_offsets()
         except Exception as exc:
             health.error = exc
             log.critical("batch processing failed, stopping the worker: %r", exc, exc_info=exc)

@@ -109,8 +109,9 @@ async def _passthrough(args: argparse.Namespace) -> dict[str, Any]:
         auto_offset_reset="earliest", enable_auto_commit=True, max_poll_records=settings.batch_max,
         fetch_max_wait_ms=fetch_max_wait_ms(settings),
         fetch_max_bytes=args.fetch_max_bytes, max_partition_fetch_bytes=args.max_partition_fetch_bytes)
-    # Batching freely, as the worker's own producer does (streams/end_offsets.py).
-    producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=args.linger_ms)
+    # Batching as freely as the worker's own producer does.
+    producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=args.linger_ms,
+                                max_batch_size=settings.producer_batch_bytes)
     await producer.start()
     await consumer.start()
     out_topic = f"{args.name}.out"
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linger-ms", type=int, default=0, help="producer linger (passthrough)")
     p.add_argument("--fetch-max-bytes", type=int, default=52_428_800)
     p.add_argument("--max-partition-fetch-bytes", type=int, default=1_048_576)
-    p.add_argument("--torch-threads", type=int, default=1,
+    p.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads in the workers (0: torch's default, one per core)")
     # "info", the service's default: at warning or above faust's start-up spinner sets the root
     # logger to DEBUG for good, and every aiokafka debug record is then built (~9% of the CPU).

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 class StateStore(Protocol):
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]: ...
-    def put_many(self, partition: int, items: Sequence[tuple[bytes, bytes]]) -> None: ...
-    def delete_many(self, partition: int, keys: Sequence[bytes]) -> None: ...
+    async def put_many(self, partition: int, items: Sequence[tuple[bytes, bytes]]) -> None: ...
+    async def delete_many(self, partition: int, keys: Sequence[bytes]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -150,7 +150,7 @@ class BatchProcessor:
                                         [[a.event for a in admissions[i].apply] for i in todo])
             step_seconds = time.perf_counter() - t0
 
-        self._write_state(users, admissions, stored, todo, result)
+        await self._write_state(users, admissions, stored, todo, result)
         await self._dead_letter(rejected, report)
         published_ms = await self._publish([users[i].user_id for i in todo], result)
         resend = [i for i, adm in enumerate(admissions)
@@ -194,7 +194,7 @@ class BatchProcessor:
         """Delete the users' state (RocksDB + changelog tombstone) and tombstone their profiles."""
         if not user_ids:
             return
-        self.store.delete_many(partition, [user.encode() for user in user_ids])
+        await self.store.delete_many(partition, [user.encode() for user in user_ids])
         for user in user_ids:
             await self.publisher.tombstone(user)
         self.metrics.count_forgotten(cause, len(user_ids))
@@ -229,9 +229,9 @@ class BatchProcessor:
     def _admit(self, user: UserBatch, record: StateRecord | None, state: UserState | None) -> Admission:
         return admit(user.items, record, state.last_timestamp_ms if state else None, self.max_lateness_ms)
 
-    def _write_state(self, users: list[UserBatch], admissions: list[Admission],
-                     stored: list[tuple[StateRecord | None, UserState | None]],
-                     todo: list[int], result: object) -> None:
+    async def _write_state(self, users: list[UserBatch], admissions: list[Admission],
+                           stored: list[tuple[StateRecord | None, UserState | None]],
+                           todo: list[int], result: object) -> None:
         """State write: new model state (or just the advanced offset) per user, one batch per partition.
 
         A user whose events were redelivered gets their stored record written
@@ -254,7 +254,7 @@ class BatchProcessor:
                 self.model.fingerprint, adm.last_offset, adm.recent_ids, model_state))
             writes.setdefault(user.partition, []).append((user.key, value))
         for partition, items in writes.items():
-            self.store.put_many(partition, items)
+            await self.store.put_many(partition, items)
 
     async def _dead_letter(self, rejected: list[Rejection], report: BatchReport) -> None:
         reasons: Counter[str] = Counter()

@@ -41,6 +41,11 @@ class Settings:
         "PROFILESTREAM_BATCH_MAX", 2000,
         "Most events in one micro-batch (one model call). Batches are what one fetch returns: "
         "small when traffic is light (low latency), up to this size under load (throughput).")
+    producer_batch_bytes: int = _env_field(
+        "PROFILESTREAM_PRODUCER_BATCH_BYTES", 1_000_000,
+        "Largest produce batch per partition (profiles, state changelog, dead letters). aiokafka keeps one "
+        "open batch per partition and makes a send wait while it is full, so Kafka's usual 16384 stalls "
+        "the worker every ~10 profiles. Keep it below the brokers' message.max.bytes (1 MiB by default).")
     fetch_max_wait_ms: int = _env_field(
         "PROFILESTREAM_FETCH_MAX_WAIT_MS", 500,
         "Longest a fetch waits for records (Kafka answers as soon as there are any, so this "
@@ -117,6 +122,8 @@ class Settings:
             problems.append("PROFILESTREAM_PARTITIONS must be >= 1")
         if self.batch_max < 1:
             problems.append("PROFILESTREAM_BATCH_MAX must be >= 1")
+        if self.producer_batch_bytes < 16384:
+            problems.append("PROFILESTREAM_PRODUCER_BATCH_BYTES must be >= 16384")
         if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:
             problems.append("PROFILESTREAM_ROCKSDB_WRITE_BUFFER_MB and _BLOCK_CACHE_MB must be >= 1")
         if self.state_ttl_days < 0:

@@ -4,12 +4,16 @@ Faust's ``table[key]`` API picks the RocksDB partition and changelog partition
 from the *current event*, which does not exist for a micro-batch, and costs a
 changelog send plus several Python calls per key.  This adapter reads with one
 RocksDB multi-get per source partition and writes one ``WriteBatch`` per
-partition, then sends the changelog records through the table so faust still
-tracks persisted offsets and recovers the table on restart or rebalance.
+partition.  It hands the changelog records straight to faust's Kafka producer
+and keeps faust's recovery bookkeeping (the changelog offset each partition's
+RocksDB holds data up to) itself, once per partition and batch instead of once
+per record: faust's per-record route (``send_soon``, its buffer, a callback that
+writes the offset to RocksDB) cost ~65 us per record, a third of a user's step.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Iterable, Iterator, Sequence
 
 import faust
@@ -24,6 +28,9 @@ class TableStateStore:
 
     def __init__(self, table: faust.Table) -> None:
         self.table = table
+        #: Partition -> highest changelog offset the broker acknowledged that its
+        #: RocksDB does not record yet (written with the partition's next batch).
+        self._acked: dict[int, int] = {}
 
     def _db(self, partition: int) -> rocksdict.Rdict:
         # The store opens one RocksDB per table partition; there is no public
@@ -36,38 +43,58 @@ class TableStateStore:
             return []
         return list(self._db(partition)[list(keys)])
 
-    def put_many(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
-        """Write all items atomically to the partition's RocksDB, then changelog them."""
+    async def put_many(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Write all items atomically to the partition's RocksDB, then to the changelog."""
         batch = rocksdict.WriteBatch(raw_mode=True)
         pending = list(items)
         for key, value in pending:
             batch.put(key, value)
-        self._db(partition).write(batch)
-        for key, value in pending:
-            self.table.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
+        await self._write(partition, batch, pending)
 
-    async def drain_changelog(self) -> None:
-        """Hand every buffered changelog record to the Kafka client before the batch is acked.
-
-        ``send_changelog`` only queues records in faust's producer buffer, and
-        faust's flush before an offset commit gives up on that buffer after
-        0.1 s without progress; a commit could then cover events whose state
-        exists only in local RocksDB, and a worker taking the partition over
-        after a crash would recover an older state and never see those events again.
-        """
-        buffer = self.table.app.producer.buffer
-        while buffer.size:
-            await buffer.flush()
-
-    def delete_many(self, partition: int, keys: Iterable[bytes]) -> None:
+    async def delete_many(self, partition: int, keys: Iterable[bytes]) -> None:
         """Delete keys locally and write tombstones to the changelog."""
         batch = rocksdict.WriteBatch(raw_mode=True)
-        doomed = list(keys)
-        for key in doomed:
+        pending: list[tuple[bytes, bytes | None]] = [(key, None) for key in keys]
+        for key, _ in pending:
             batch.delete(key)
+        await self._write(partition, batch, pending)
+
+    async def _write(self, partition: int, batch: rocksdict.WriteBatch,
+                     records: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Apply ``batch`` locally, then hand ``records`` to the Kafka client.
+
+        When this returns the records sit in the client's buffer, in order;
+        faust flushes that buffer before it commits input offsets, so a commit
+        never covers a state change the changelog could lose.
+        """
+        acked = self._acked.pop(partition, None)
+        if acked is not None:
+            batch.put(self.table.data.offset_key, str(acked).encode())
         self._db(partition).write(batch)
-        for key in doomed:
-            self.table.send_changelog(partition, key, None, key_serializer="raw", value_serializer="raw")
+        producer = self.table.app.producer
+        topic = self.table.changelog_topic.get_topic_name()
+        for key, value in records:
+            delivery = await producer.send(topic, key, value, partition, None, None)
+            delivery.add_done_callback(self._on_delivered)
+
+    def _on_delivered(self, delivery: asyncio.Future) -> None:
+        if delivery.cancelled() or delivery.exception() is not None:
+            return  # not persisted: recovery reads the changelog from the last acknowledged offset on
+        meta = delivery.result()
+        if meta.offset > self._acked.get(meta.partition, -1):
+            self._acked[meta.partition] = meta.offset
+
+    def persist_acked_offsets(self) -> None:
+        """Record acknowledged changelog offsets of partitions that had no write since.
+
+        Recovery reads each partition's changelog from the recorded offset on,
+        so an offset recorded late only means a few records are read again.
+        """
+        held = self.table.data._dbs
+        for partition in list(self._acked):
+            offset = self._acked.pop(partition)
+            if partition in held:  # not revoked meanwhile
+                self._db(partition).put(self.table.data.offset_key, str(offset).encode())
 
     def scan(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         """Every (user key, state record) of one partition; faust's bookkeeping keys skipped."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
+
+import orjson
 
 from models.events import MAX_ID_CHARS, Event, EventError, event_from_dict
 
@@ -35,6 +37,24 @@ class Accepted:
     event: Event
 
 
+def decode_json(value: bytes) -> Any:
+    """``json.loads`` verdicts at orjson's speed (~4x faster, the largest share of validation).
+
+    orjson is stricter than the standard library (NaN, Infinity, lone
+    surrogates and a BOM are errors) and reads integers beyond 64 bits as
+    floats.  Whenever it refuses a value, or returns a float timestamp, the
+    standard library decodes it instead, so every record gets the same
+    verdict and reason code as before; only valid events take the fast path.
+    """
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return json.loads(value)
+    if isinstance(obj, dict) and type(obj.get("timestamp")) is float:
+        return json.loads(value)
+    return obj
+
+
 def check_message(key: bytes | None, value: bytes | None, now_ms: int | None = None) -> Event:
     """The event a (key, value) message carries, or :class:`EventError` with the reason.
 
@@ -55,7 +75,7 @@ def check_message(key: bytes | None, value: bytes | None, now_ms: int | None = N
     if len(key_text) > MAX_ID_CHARS:
         raise EventError("bad_key", f"key is longer than {MAX_ID_CHARS} characters")
     try:
-        obj = json.loads(value)
+        obj = decode_json(value)
     except (UnicodeDecodeError, ValueError) as exc:
         raise EventError("malformed_json", f"value is not UTF-8 JSON: {exc}") from None
     event = event_from_dict(obj, now_ms=now_ms)

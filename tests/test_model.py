@@ -102,7 +102,7 @@ def test_network_step_equals_forward(tiny, events) -> None:
     users = list(group_by_user(events).values())[:6]
     batch = tiny.featurizer.run([tiny.new_state() for _ in users], users, every_event=True)
     net = tiny.net
-    ints, dense = torch.from_numpy(batch.ints), torch.from_numpy(batch.dense)
+    ints, dense = (torch.from_numpy(a) for a in batch.padded())
     lengths = torch.from_numpy(batch.lengths)
     with torch.no_grad():
         full, _ = net(ints, dense)
@@ -110,7 +110,8 @@ def test_network_step_equals_forward(tiny, events) -> None:
         for t in range(ints.shape[0]):
             h, state = net.step(state, ints[t], dense[t])
             assert torch.allclose(h, full[t], atol=TOL)
-        last, (h_n, c_n) = net.step_many(net.initial_state(len(users)), ints, dense, lengths)
+        last, (h_n, c_n) = net.step_many(net.initial_state(len(users)), torch.from_numpy(batch.ints),
+                                         torch.from_numpy(batch.dense), lengths)
     expected = full[lengths - 1, torch.arange(len(users))]
     assert torch.allclose(last, expected, atol=TOL) and torch.allclose(h_n[0], expected, atol=TOL)
 
