@@ -76,13 +76,6 @@ def percentiles_ms(latencies_s: np.ndarray) -> dict[str, float | None]:
             "p999_ms": round(float(p999), 2), "max_ms": round(float(latencies_s.max() * 1000.0), 2)}
 
 
-def set_torch_threads(n: int) -> None:
-    """Intra-op threads of torch in this process (0: leave torch's default, one per core)."""
-    if n > 0:
-        import torch
-        torch.set_num_threads(n)
-
-
 def worker_settings(args: argparse.Namespace, name: str) -> Any:
     """Settings of a bench worker: its own group, changelog and output topics on the shared input."""
     from .broker import free_port
@@ -406,8 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linger-ms", type=int, default=0, help="producer linger (passthrough)")
     p.add_argument("--fetch-max-bytes", type=int, default=52_428_800)
     p.add_argument("--max-partition-fetch-bytes", type=int, default=1_048_576)
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch intra-op threads in the workers (0: torch's default, one per core)")
     # "info", the service's default: at warning or above faust's start-up spinner sets the root
     # logger to DEBUG for good, and every aiokafka debug record is then built (~9% of the CPU).
     p.add_argument("--log-level", default="info")
@@ -418,7 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    set_torch_threads(args.torch_threads)
     if args.mode == "passthrough":
         result = asyncio.run(_passthrough(args))
     elif args.mode == "naive":

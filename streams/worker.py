@@ -8,6 +8,7 @@ import logging
 from typing import Callable
 
 import faust
+import torch
 
 from models import ProfileModel, default_checkpoint_path
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 def load_model(settings: Settings) -> ProfileModel:
     path = settings.model_path or default_checkpoint_path()
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
     model = ProfileModel.load(path, device=settings.device)
     log.info("model %s (fingerprint %s) on %s from %s", model.version, model.fingerprint, model.device, path)
     return model
