@@ -132,6 +132,11 @@ class FeatureBatch:
         return ints, dense
 
 
+#: What :meth:`Featurizer._snapshot` keeps of a user: table size, the used rows' keys, counts,
+#: seen_at, seen_ts and flags, then (type counts, decayed type counts, n_events, last ts), labels.
+_Snapshot = tuple[int, list[int], list[int], list[int], list[int], list[int], list[float], list[str]]
+
+
 class Featurizer:
     """Builds :class:`FeatureBatch` es and keeps users' memories up to date."""
 
@@ -179,23 +184,35 @@ class Featurizer:
         return ints, raw, cat_key
 
     @staticmethod
-    def _snapshot(state: UserState) -> tuple[list[int], list[float], list[str]]:
-        """Raw columns of the category table (padded to capacity), then the user's type counts and time."""
+    def _snapshot(state: UserState) -> _Snapshot:
+        """The used rows of the category table (most users remember a few of ``capacity``
+        categories, so padding is left to numpy), then the user's type counts and time."""
         cats = state.categories
-        return (cats.keys[:], [*cats.counts, *cats.seen_at, *cats.seen_ts, *cats.flags, *state.type_counts,
-                               *state.recent_types, state.n_events, state.last_timestamp_ms],
-                cats.labels[:cats.size])  # type: ignore[index]
+        n = cats.size
+        return (n, cats.keys[:n], cats.counts[:n], cats.seen_at[:n], cats.seen_ts[:n], cats.flags[:n],
+                [*state.type_counts, *state.recent_types, state.n_events, state.last_timestamp_ms],
+                cats.labels[:n])  # type: ignore[index]
 
-    def _candidates(self, snaps: list[tuple[list[int], list[float], list[str]]]) -> Candidates:
+    def _candidates(self, snaps: list[_Snapshot]) -> Candidates:
         m, cap = len(snaps), self.cat_capacity
-        keys = np.fromiter(itertools.chain.from_iterable(s[0] for s in snaps), np.uint64, m * cap).reshape(m, cap)
-        raw = np.fromiter(itertools.chain.from_iterable(s[1] for s in snaps), np.float64,
-                          m * len(snaps[0][1])).reshape(m, -1)
-        cols = raw[:, :4 * cap].reshape(m, 4, cap)
-        n_events, now_ts = raw[:, -2], raw[:, -1]
-        type_counts = raw[:, 4 * cap:4 * cap + 2 * N_TYPES].reshape(m, 2, N_TYPES)
+        sizes = np.fromiter((s[0] for s in snaps), np.int64, m)
+        total = int(sizes.sum())
+        rows = np.repeat(np.arange(m), sizes)
+        slots = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+        def column(i: int, dtype: type) -> np.ndarray:
+            """Field ``i`` of the snapshots as [m, cap], zero in unused slots."""
+            out = np.zeros((m, cap), dtype=dtype)
+            out[rows, slots] = np.fromiter(itertools.chain.from_iterable(s[i] for s in snaps), dtype, total)
+            return out
+
+        keys, counts, seen_at = column(1, np.uint64), column(2, np.float64), column(3, np.float64)
+        seen_ts, flags = column(4, np.float64), column(5, np.int64)
+        user = np.fromiter(itertools.chain.from_iterable(s[6] for s in snaps), np.float64,
+                           m * (2 * N_TYPES + 2)).reshape(m, -1)
+        n_events, now_ts = user[:, -2], user[:, -1]
+        type_counts = user[:, :2 * N_TYPES].reshape(m, 2, N_TYPES)
         share = np.log((type_counts + self.type_prior) / (type_counts.sum(axis=2, keepdims=True) + 1.0))
-        counts, seen_at, seen_ts, flags = cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3].astype(np.int64)
         valid = counts > 0
         features = np.empty((m, cap, len(CANDIDATE_FEATURES)), dtype=np.float32)
         features[..., 0] = np.log1p(counts) / 3
@@ -205,7 +222,7 @@ class Featurizer:
         for i, bit in enumerate(_BITS):
             features[..., 4 + i] = (flags & bit) > 0
         features[~valid] = 0.0
-        return Candidates(keys, features, valid, [s[2] for s in snaps],
+        return Candidates(keys, features, valid, [s[7] for s in snaps],
                           share.reshape(m, 2 * N_TYPES).astype(np.float32))
 
     def candidates(self, states: Sequence[UserState]) -> Candidates:
