@@ -142,7 +142,6 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
         """
         try:
             await processor.process([to_source_record(m) for m in messages])
-            store.persist_acked_offsets()
         except Exception as exc:
             health.error = exc
             log.critical("batch processing failed, stopping the worker: %r", exc, exc_info=exc)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import rocksdict
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
@@ -116,6 +117,24 @@ def exact_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
             await probe.close()
             await consumer.stop()
     return asyncio.run(go())
+
+
+def persisted_changelog_offsets(data_dir: Path, partitions: int) -> dict[int, int]:
+    """Changelog offset recorded in each state partition's RocksDB (of a stopped worker), where present."""
+    out: dict[int, int] = {}
+    for partition in range(partitions):
+        path = data_dir / "v1" / "tables" / f"user-state-{partition}.db"
+        if not path.exists():
+            continue
+        db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True),
+                             access_type=rocksdict.AccessType.read_only())
+        try:
+            value = db.get(b"__faust\0offset__")
+        finally:
+            db.close()
+        if value is not None:
+            out[partition] = int(value)
+    return out
 
 
 def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord]:

@@ -22,8 +22,8 @@ from streams.broker import EmbeddedBroker
 from streams.demo import encode_event
 from streams.publish import headers_dict
 
-from .harness import (START_MS, Deployment, assert_matches_replay, expected_last, metric_sum, produce_raw,
-                      stream_through, synthetic, wait_for, wait_for_counts)
+from .harness import (START_MS, Deployment, assert_matches_replay, exact_end_offsets, expected_last, metric_sum,
+                      persisted_changelog_offsets, produce_raw, stream_through, synthetic, wait_for, wait_for_counts)
 
 
 def test_published_profiles_equal_replay(deployment: Deployment, model: ProfileModel) -> None:
@@ -161,6 +161,12 @@ def test_restarted_worker_continues_from_its_rocksdb_state(deployment: Deploymen
         wait_for_counts(deployment, Counter(e.user_id for e in first))
     finally:
         assert worker.stop() == 0
+    # Each state partition records the changelog offset the broker acknowledged last: recovery
+    # reads only what follows it, and it is never past what the changelog holds.
+    recorded = persisted_changelog_offsets(deployment.tmp / "worker0", deployment.partitions)
+    ends = exact_end_offsets(deployment.bootstrap, deployment.settings.changelog_topic)
+    assert recorded and all(offset < ends[partition] for partition, offset in recorded.items()), (recorded, ends)
+    assert sum(offset + 1 for offset in recorded.values()) == sum(ends.values())  # all acknowledged by the stop
     deployment.produce(second)
     restarted = deployment.worker()  # same index -> same RocksDB directory
     restarted.start()
