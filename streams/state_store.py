@@ -14,10 +14,13 @@ record, a third of a user's whole step.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Iterable, Iterator, Sequence
 
 import faust
 import rocksdict
+
+log = logging.getLogger(__name__)
 
 #: Keys faust keeps in each partition's RocksDB next to ours (its changelog offset).
 _FAUST_PREFIX = b"__faust\0"
@@ -80,7 +83,12 @@ class TableStateStore:
         in flight at a crash) is read again by recovery, which replays the
         changelog from this offset to its end.
         """
-        if delivery.cancelled() or delivery.exception() is not None:
+        if delivery.cancelled():
+            return
+        error = delivery.exception()
+        if error is not None:
+            log.warning("state changelog record not delivered (%r); its partition's recovery offset stays "
+                        "at the last acknowledged record", error)
             return
         meta = delivery.result()
         partition = meta.partition

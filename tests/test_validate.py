@@ -13,7 +13,7 @@ from streams import state_record
 from streams.admission import admit
 from streams.records import SourceRecord
 from streams.state_record import StateRecord, StateRecordError
-from streams.validate import MAX_VALUE_BYTES, Accepted, Rejection, validate_record
+from streams.validate import MAX_VALUE_BYTES, Accepted, Rejection, decode_json, validate_record
 
 NOW = 1_760_000_000_000
 SCHEMAS = Path(__file__).resolve().parent.parent / "streams" / "schemas"
@@ -100,3 +100,21 @@ def test_state_record_round_trip_and_corruption() -> None:
         state_record.decode(b"\x07garbage")
     with pytest.raises(StateRecordError):
         state_record.decode(state_record.encode(rec_)[:5])
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"timestamp": NaN}', b'{"price": Infinity}', b'\xef\xbb\xbf{"a": 1}', b'{"user_id": "\\ud800"}',
+    b'{"timestamp": 123456789012345678901234567890}', b'{"a": 1, "a": 2}', b'[1, 2]', b'{"a": 1e400}',
+    b'{"timestamp": 1732000000000.0}', b'{"a": "\xff"}', b'{"a": }',
+])
+def test_fast_json_decoding_gives_the_standard_librarys_verdicts(payload: bytes) -> None:
+    """orjson is the fast path; whatever it reads differently, the standard library decides."""
+    try:
+        expected: object = json.loads(payload)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        expected = type(exc)
+    try:
+        got: object = decode_json(payload)
+    except ValueError as exc:
+        got = type(exc)
+    assert repr(got) == repr(expected)
