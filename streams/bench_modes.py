@@ -280,7 +280,7 @@ class _Recorder:
 
     def instrument(self, processor: Any) -> None:
         """Time the processor's batches and its profile sends (where the worker's time goes)."""
-        process, profile = processor.process, processor.publisher.profile
+        process, profiles = processor.process, processor.publisher.profiles
 
         async def timed_process(records: Any) -> Any:
             t0 = time.perf_counter()
@@ -289,15 +289,15 @@ class _Recorder:
             finally:
                 self.busy_s += time.perf_counter() - t0
 
-        async def timed_profile(*args: Any) -> Any:
+        async def timed_profiles(*args: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return await profile(*args)
+                return await profiles(*args)
             finally:
                 self.publish_s += time.perf_counter() - t0
 
         processor.process = timed_process
-        processor.publisher.profile = timed_profile
+        processor.publisher.profiles = timed_profiles
 
     def on_batch(self, report: Any, latencies_s: np.ndarray) -> None:
         now = time.perf_counter()

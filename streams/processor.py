@@ -269,10 +269,11 @@ class BatchProcessor:
     async def _publish(self, user_ids: list[str], result: StepResult | None) -> int:
         """Publish the profile of each user (row i of ``result``); returns the publish time in ms."""
         now_ms = int(time.time() * 1000)
-        for row, user_id in enumerate(user_ids):
-            state = result.states[row]
-            value = profile_message(
-                user_id, self.model.version, now_ms, state.n_events, state.last_timestamp_ms,
-                result.profile[row], result.intent[row], result.top_categories[row])
-            await self.publisher.profile(user_id, value)
+        if user_ids:
+            version = self.model.version
+            await self.publisher.profiles([
+                (user_id, profile_message(user_id, version, now_ms, state.n_events, state.last_timestamp_ms,
+                                          profile, intent, top))
+                for user_id, state, profile, intent, top in zip(
+                    user_ids, result.states, result.profile, result.intent, result.top_categories)])
         return now_ms

@@ -6,25 +6,20 @@ nothing consumed is committed before what it produced is on the broker.
 
 from __future__ import annotations
 
-from typing import Awaitable, Mapping, Protocol, Sequence
+import functools
+from typing import Awaitable, Mapping, Sequence
 
+import faust
 import numpy as np
 import orjson
 
 from models.events import EVENT_TYPES
 
+from .record_batches import key_partitions, log_if_failed, send_records
 from .validate import Rejection
 
 #: Version of the profile message schema (streams/schemas/profile.schema.json).
 PROFILE_SCHEMA_VERSION = 1
-
-
-class Producer(Protocol):
-    """What the publisher needs from a Kafka producer (faust's satisfies it)."""
-
-    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                   timestamp: float | None, headers: Sequence[tuple[str, bytes]] | None
-                   ) -> Awaitable[object]: ...
 
 
 def profile_message(
@@ -69,15 +64,23 @@ def headers_dict(headers: Sequence[tuple[str, bytes]] | None) -> Mapping[str, st
 
 
 class Publisher:
-    """Sends profiles and dead letters; returns delivery futures without awaiting them."""
+    """Sends profiles and dead letters through faust's producer, without awaiting delivery."""
 
-    def __init__(self, producer: Producer, profiles_topic: str, dlq_topic: str) -> None:
+    def __init__(self, producer: faust.types.ProducerT, profiles_topic: str, dlq_topic: str) -> None:
         self.producer = producer
         self.profiles_topic = profiles_topic
         self.dlq_topic = dlq_topic
 
-    async def profile(self, user_id: str, value: bytes) -> Awaitable[object]:
-        return await self.producer.send(self.profiles_topic, user_id.encode(), value, None, None, None)
+    async def profiles(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Profile messages (user id, value), keyed by user, as one record batch per partition."""
+        keys = [user_id.encode() for user_id, _ in items]
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, partition, (_, value) in zip(keys, await key_partitions(self.producer, self.profiles_topic, keys),
+                                              items):
+            by_partition.setdefault(partition, []).append((key, value))
+        for partition, records in by_partition.items():
+            for sent in await send_records(self.producer, self.profiles_topic, partition, records):
+                sent.delivery.add_done_callback(functools.partial(log_if_failed, sent))
 
     async def tombstone(self, user_id: str) -> Awaitable[object]:
         """A null value: compaction then forgets the user's profile."""
