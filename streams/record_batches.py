@@ -53,16 +53,20 @@ async def send_records(producer: faust.types.ProducerT, topic: str, partition: i
     kafka = client(producer)
     sent: list[SentBatch] = []
     batch, count = kafka.create_batch(), 0
+
+    async def submit() -> None:
+        sent.append(SentBatch(topic, partition, count, await kafka.send_batch(batch, topic, partition=partition)))
+
     for key, value in records:
-        if batch.append(timestamp=None, key=key, value=value) is None:
-            sent.append(SentBatch(topic, partition, count, await kafka.send_batch(batch, topic, partition=partition)))
+        if batch.append(timestamp=None, key=key, value=value) is None:  # full: send it, start the next
+            await submit()
             batch, count = kafka.create_batch(), 0
             if batch.append(timestamp=None, key=key, value=value) is None:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a producer batch "
                                  f"(PROFILESTREAM_PRODUCER_BATCH_BYTES) for {topic}")
         count += 1
     if count:
-        sent.append(SentBatch(topic, partition, count, await kafka.send_batch(batch, topic, partition=partition)))
+        await submit()
     return sent
 
 

@@ -180,3 +180,19 @@ def test_restarted_worker_continues_from_its_rocksdb_state(deployment: Deploymen
     assert applied == len(second)
     assert_matches_replay(published, expected_last(model, events))
 
+
+
+def test_records_filling_a_producer_batch_leave_in_several(deployment: Deployment, model: ProfileModel) -> None:
+    # 16 KB producer batches (the smallest allowed) hold about ten profiles or state records,
+    # so each partition's records of a batch of ~30 users leave in several record batches.
+    events = synthetic(1200, users=120, seed=7)
+    deployment.produce(events)  # before the worker starts: its first batches are large
+    worker = deployment.worker(PROFILESTREAM_PRODUCER_BATCH_BYTES="16384").start()
+    try:
+        published = wait_for_counts(deployment, Counter(e.user_id for e in events))
+    finally:
+        assert worker.stop() == 0
+    assert_matches_replay(published, expected_last(model, events))
+    recorded = persisted_changelog_offsets(deployment.tmp / "worker0", deployment.partitions)
+    ends = exact_end_offsets(deployment.bootstrap, deployment.settings.changelog_topic)
+    assert recorded == {partition: end - 1 for partition, end in ends.items() if end}, (recorded, ends)
