@@ -1,7 +1,9 @@
 """The model as the stream sees it: load a checkpoint, advance users, (de)serialise state.
 
 ``ProfileModel.advance`` is the online path (one batched LSTM call for B users
-and their new events); ``ProfileModel.replay`` is the offline ground truth (all
+and their new events; ``prepare_advance`` splits it into its Python and its
+torch part, so the stream can run the torch part in a thread of its own);
+``ProfileModel.replay`` is the offline ground truth (all
 of each user's events through ``forward``).  Both share the featurizer and
 the heads, so they agree to float rounding -- the tests hold them to 1e-5.
 """
@@ -9,13 +11,14 @@ the heads, so they agree to float rounding -- the tests hold them to 1e-5.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
 import pathlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ import torch
 from models import state as state_codec
 from models.checkpoint import CheckpointError, ModelConfig, load_checkpoint
 from models.events import EVENT_TYPES, Event
-from models.features import Candidates, Featurizer, Vocabulary, category_buckets, padded_index
+from models.features import Candidates, FeatureBatch, Featurizer, Vocabulary, category_buckets, padded_index
 from models.model import ProfileLSTM
 from models.state import UserState
 
@@ -150,18 +153,28 @@ class ProfileModel:
 
         ``states[i]`` None = unseen user.  Input states are not modified.
         """
+        return self.prepare_advance(states, events)()
+
+    def prepare_advance(self, states: Sequence[UserState | None],
+                        events: Sequence[Sequence[Event]]) -> Callable[[], StepResult]:
+        """:meth:`advance` in two parts: featurise now, and return the tensor part.
+
+        The featurisation is Python and holds the GIL; the part returned is
+        torch, which releases it, so a caller may run it in another thread
+        while its own thread goes on (the stream prepares its next batch).
+        """
         if len(states) != len(events):
             raise ValueError(f"{len(states)} states but {len(events)} event lists")
         if not states:
-            return self._empty_result()
+            return self._empty_result
         with _gc_paused():
-            return self._advance(states, events)
-
-    def _advance(self, states: Sequence[UserState | None], events: Sequence[Sequence[Event]]) -> StepResult:
-        new_states = [self.new_state() if s is None else s.copy() for s in states]
-        batch = self.featurizer.run(new_states, events, every_event=False)
+            new_states = [self.new_state() if s is None else s.copy() for s in states]
+            batch = self.featurizer.run(new_states, events, every_event=False)
         h0 = np.stack([s.h for s in new_states])[None]
         c0 = np.stack([s.c for s in new_states])[None]
+        return functools.partial(self._step, new_states, batch, h0, c0)
+
+    def _step(self, new_states: list[UserState], batch: FeatureBatch, h0: np.ndarray, c0: np.ndarray) -> StepResult:
         hidden = self.config.dims.hidden
         with torch.no_grad():
             state = (self.to_device(h0), self.to_device(c0))

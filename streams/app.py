@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Awaitable, Sequence
 
 import faust
 
@@ -25,7 +25,7 @@ from .kafka_config import aiokafka_options, faust_credentials
 from .lookup import register_lookup
 from .metrics import Metrics
 from .monitor import sample
-from .processor import BatchProcessor
+from .processor import BatchProcessor, PreparedBatch
 from .publish import Publisher
 from .records import SourceRecord
 from .settings import Settings
@@ -132,8 +132,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
                                reset_mismatched=settings.on_model_mismatch == "reset")
     health = WorkerHealth()
 
-    async def on_batch(messages: Sequence[faust.types.Message]) -> None:
-        """One fetched batch of raw events -> one processor call.
+    def on_batch(messages: Sequence[faust.types.Message]) -> Awaitable[None]:
+        """One fetched batch of raw events: prepared now, applied by the awaitable returned.
 
         An unexpected error stops the whole worker (SIGTERM to itself: a graceful
         stop that commits only what was fully processed) rather than leaving a
@@ -141,12 +141,23 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
         here as an error: it is dead-lettered by the processor.
         """
         try:
-            await processor.process([to_source_record(m) for m in messages])
+            prepared = processor.prepare([to_source_record(m) for m in messages])
         except Exception as exc:
-            health.error = exc
-            log.critical("batch processing failed, stopping the worker: %r", exc, exc_info=exc)
-            os.kill(os.getpid(), signal.SIGTERM)
+            fail(exc)
             raise
+        return apply(prepared)
+
+    async def apply(prepared: PreparedBatch) -> None:
+        try:
+            await processor.apply(prepared)
+        except Exception as exc:
+            fail(exc)
+            raise
+
+    def fail(exc: Exception) -> None:
+        health.error = exc
+        log.critical("batch processing failed, stopping the worker: %r", exc, exc_info=exc)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     probe = EndOffsetProbe(aiokafka_options(settings)) if settings.embedded_broker else None
     install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings), probe)

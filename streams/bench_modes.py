@@ -275,19 +275,29 @@ class _Recorder:
     rss: list[dict[str, Any]] = field(default_factory=list)
     stopping: bool = False
     busy_s: float = 0.0
+    overlap_s: float = 0.0
     publish_s: float = 0.0
     _next_point: int = 0
+    _active: int = 0
+    _active_since: float = 0.0
 
     def instrument(self, processor: Any) -> None:
         """Time the processor's batches and its profile sends (where the worker's time goes)."""
-        process, profiles = processor.process, processor.publisher.profiles
+        prepare, apply, profiles = processor.prepare, processor.apply, processor.publisher.profiles
 
-        async def timed_process(records: Any) -> Any:
-            t0 = time.perf_counter()
+        def timed_prepare(records: Any) -> Any:
+            self._busy(+1)
             try:
-                return await process(records)
+                return prepare(records)
             finally:
-                self.busy_s += time.perf_counter() - t0
+                self._busy(-1)
+
+        async def timed_apply(batch: Any) -> Any:
+            self._busy(+1)
+            try:
+                return await apply(batch)
+            finally:
+                self._busy(-1)
 
         async def timed_profiles(*args: Any) -> Any:
             t0 = time.perf_counter()
@@ -296,8 +306,19 @@ class _Recorder:
             finally:
                 self.publish_s += time.perf_counter() - t0
 
-        processor.process = timed_process
+        processor.prepare, processor.apply = timed_prepare, timed_apply
         processor.publisher.profiles = timed_profiles
+
+    def _busy(self, change: int) -> None:
+        """Count the wall time in which a batch is being prepared or applied, and in which
+        one is prepared while the previous one is applied (streams/batch_consumer.py)."""
+        now = time.perf_counter()
+        if self._active:
+            self.busy_s += now - self._active_since
+        if self._active > 1:
+            self.overlap_s += now - self._active_since
+        self._active += change
+        self._active_since = now
 
     def on_batch(self, report: Any, latencies_s: np.ndarray) -> None:
         now = time.perf_counter()
@@ -374,6 +395,7 @@ def _profilestream(args: argparse.Namespace) -> dict[str, Any]:
             "batches": rec.batches, "seconds": round(elapsed, 3), "events_per_s": round(n / max(elapsed, 1e-9), 1),
             "mean_batch": round(rec.processed / max(rec.batches, 1), 1), "latency": percentiles_ms(lat),
             "latency_samples": int(lat.size), "busy_s": round(rec.busy_s, 3),
+            "overlap_s": round(rec.overlap_s, 3),
             "publish_wait_s": round(rec.publish_s, 3), "rss": rec.rss,
             # Linux folds the current RSS into VmHWM only at some points (e.g. an unmap), so
             # VmHWM can read a few pages below a VmRSS sampled earlier (seen once in CI).

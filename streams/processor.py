@@ -1,7 +1,12 @@
 """One micro-batch through the whole pipeline, each step in its own module:
 
-    records -> validate -> batch (group by user) -> state lookup -> admission
-            -> model step (one batched call) -> state write -> publish
+    records -> validate -> batch (group by user)            (prepare: reads no state)
+            -> state lookup -> admission -> model step (one batched call)
+            -> state write -> publish                        (apply)
+
+``prepare`` and ``apply`` are separate so the consumer can prepare the next
+batch while this one's model step runs in the model thread
+(streams/batch_consumer.py).
 
 Forget requests (control records, streams/forget.py) split a batch: the
 events before one are applied, then the user is erased, then the events after
@@ -9,8 +14,8 @@ it are applied -- the order the partition has them in.  Erasing (requested or
 by the idle TTL) and batches take one lock, so an erase never lands between a
 batch's state write and its profile publish.
 
-The processor knows the model only through its step API (``advance`` and the
-state codec) and Kafka only through :class:`~streams.publish.Publisher`, so the
+The processor knows the model only through its step API (``prepare_advance``,
+``predict`` and the state codec) and Kafka only through :class:`~streams.publish.Publisher`, so the
 same code runs behind the faust agent, the benchmark and the tests.
 """
 
@@ -21,6 +26,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -47,6 +53,25 @@ class StateStore(Protocol):
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]: ...
     async def put_many(self, partition: int, items: Sequence[tuple[bytes, bytes]]) -> None: ...
     async def delete_many(self, partition: int, keys: Sequence[bytes]) -> None: ...
+
+
+@dataclass(slots=True)
+class Run:
+    """Consecutive records of one kind: forget requests, or events (validated and grouped by user)."""
+
+    records: list[SourceRecord]
+    control: bool
+    users: list[UserBatch] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch after :meth:`BatchProcessor.prepare`, ready for :meth:`BatchProcessor.apply`."""
+
+    records: Sequence[SourceRecord]
+    runs: list[Run]
+    prepare_seconds: float
 
 
 @dataclass(slots=True)
@@ -83,19 +108,37 @@ class BatchProcessor:
         self.progress: dict[int, tuple[int, int]] = {}
         #: Held by every batch and every erase (see the module docstring).
         self.lock = asyncio.Lock()
+        #: Runs the model step, one at a time (see :meth:`prepare`).
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model-step")
 
-    async def process(self, records: Sequence[SourceRecord]) -> BatchReport:
+    def prepare(self, records: Sequence[SourceRecord]) -> PreparedBatch:
+        """Validate and group a batch: the steps that read no state, so they may run while
+        the previous batch is still in its model step (see streams/batch_consumer.py)."""
+        started = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        runs: list[Run] = []
+        for control, group in itertools.groupby(records, key=is_control):
+            run = Run(list(group), control)
+            if not control:
+                accepted, run.rejected = validate_batch(run.records, now_ms)
+                run.users = [u for users in group_by_user(accepted).values() for u in users]
+            runs.append(run)
+        return PreparedBatch(records, runs, time.perf_counter() - started)
+
+    async def apply(self, batch: PreparedBatch) -> BatchReport:
+        """The steps that read and write state, run by run in record order."""
         async with self.lock:
-            started = time.perf_counter()
+            started = time.perf_counter() - batch.prepare_seconds
+            records = batch.records
             report = BatchReport(records=len(records))
             type_counts: Counter[str] = Counter()
             step_seconds = 0.0
             latencies = [np.zeros(0)]
-            for control, group in itertools.groupby(records, key=is_control):
-                if control:
-                    await self._forget_requested(list(group), report)
+            for run in batch.runs:
+                if run.control:
+                    await self._forget_requested(run.records, report)
                     continue
-                counts, seconds, lat = await self._apply(list(group), report)
+                counts, seconds, lat = await self._apply(run, report)
                 type_counts += counts
                 step_seconds += seconds
                 latencies.append(lat)
@@ -128,11 +171,9 @@ class BatchProcessor:
                 erased += len(users)
             return erased
 
-    async def _apply(self, records: list[SourceRecord], report: BatchReport
-                     ) -> tuple[Counter[str], float, np.ndarray]:
+    async def _apply(self, run: Run, report: BatchReport) -> tuple[Counter[str], float, np.ndarray]:
         """The pipeline for a run of events: (applied per type, model seconds, latencies)."""
-        accepted, rejected = validate_batch(records, int(time.time() * 1000))
-        users = [u for group in group_by_user(accepted).values() for u in group]
+        users, rejected = run.users, list(run.rejected)
         stored = self._lookup(users)
         admissions = [self._admit(u, rec, state) for u, (rec, state) in zip(users, stored)]
         for adm in admissions:
@@ -146,8 +187,11 @@ class BatchProcessor:
         result = None
         if todo:
             t0 = time.perf_counter()
-            result = self.model.advance([stored[i][1] for i in todo],
-                                        [[a.event for a in admissions[i].apply] for i in todo])
+            step = self.model.prepare_advance([stored[i][1] for i in todo],
+                                              [[a.event for a in admissions[i].apply] for i in todo])
+            # torch releases the GIL: while the step runs in the model thread, the fetch
+            # loop fetches and prepares the next batch.
+            result = await asyncio.get_running_loop().run_in_executor(self._model_thread, step)
             step_seconds = time.perf_counter() - t0
 
         await self._write_state(users, admissions, stored, todo, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -155,6 +156,21 @@ def test_predict_repeats_the_last_advance(tiny, events) -> None:
     assert np.abs(again.profile - result.profile).max() <= TOL
     assert again.top_categories == result.top_categories
     assert tiny.predict([]).profile.shape == (0, tiny.profile_dim)
+
+
+def test_prepared_step_runs_later_on_another_thread(tiny, events) -> None:
+    # The stream featurises the next batch while the previous one's step runs in its
+    # model thread: a prepared step must hold everything it needs.
+    seqs = list(group_by_user(events).values())
+    first, second = seqs[:8], seqs[8:16]
+    expected = [tiny.advance([None] * len(b), b) for b in (first, second)]
+    steps = [tiny.prepare_advance([None] * len(b), b) for b in (first, second)]
+    with ThreadPoolExecutor(1) as thread:
+        got = [thread.submit(step).result() for step in steps]
+    for want, result in zip(expected, got):
+        assert np.array_equal(want.intent, result.intent) and np.array_equal(want.profile, result.profile)
+        assert want.top_categories == result.top_categories
+        assert [tiny.encode_state(s) for s in want.states] == [tiny.encode_state(s) for s in result.states]
 
 
 def test_advance_does_not_modify_input_states(tiny, events) -> None:
