@@ -20,7 +20,7 @@ from .topics import ensure_topics
 log = logging.getLogger(__name__)
 
 #: Net allocations between young-generation collections (CPython's default: 700); see run_worker.
-GC_YOUNG_THRESHOLD = 20_000
+GC_YOUNG_THRESHOLD = 300_000
 
 
 def load_model(settings: Settings) -> ProfileModel:
@@ -53,12 +53,14 @@ def run_worker(settings: Settings, customize: Callable[[ProfileStreamApp], None]
     # the process.  Left in the collected generations, each full collection walked it for
     # 110-160 ms every ~5 s under load, stalling the batch in progress: the latency tail.
     gc.freeze()
-    # A batch keeps its events, features and new states alive until it ends, so at 700
-    # each batch of a few hundred events ran ~6 young collections that freed nothing and
-    # promoted it all: ~6 % of the processor's time (0.54 s of GC per 90k events in batches
-    # of 300, BatchProcessor with the real model).  Those objects hold no cycles and die by
-    # refcount, so at 20,000 such a batch never triggers one; large batches still do, as
-    # often in total as before (0.50 s vs 0.53 s at 2,000 events).
+    # A batch keeps its events, features and new states alive until it ends (and, while
+    # the worker is behind, the next batch's are alive too: streams/batch_consumer.py), so
+    # every young collection walked tens of thousands of live objects and freed almost
+    # nothing: at CPython's 700, ~6 % of the processor's time in batches of 300; at 20,000,
+    # 1.3 s of a 300k-event bench run (~10 %), in which GC freed only ~8.6k objects.  Those
+    # objects hold no cycles and die by refcount, so at 300,000 (net allocations) a young
+    # collection comes only when that many objects have piled up: 0.18 s in the same run,
+    # start-up included (peak RSS 574 vs 580 MiB).
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         worker.execute_from_commandline()
