@@ -42,7 +42,8 @@ class Settings:
         "Most events in one micro-batch (one model call). Batches are what one fetch returns: "
         "small when traffic is light (low latency), up to this size under load, where a bigger batch "
         "coalesces more of a user's events into one state read, write and profile (bench, 2 cores: "
-        "2000 -> 8.4k, 5000 -> 9.6k, 10000 -> 10.5k events/s).")
+        "2000 -> 8.4k, 5000 -> 9.6k, 10000 -> 10.5k events/s). A fetch of at least half of it means the "
+        "worker is behind: the next batch is then fetched and validated while this one's model step runs.")
     producer_batch_bytes: int = _env_field(
         "PROFILESTREAM_PRODUCER_BATCH_BYTES", 1_000_000,
         "Largest produce batch per partition (profiles, state changelog, dead letters). aiokafka keeps one "
