@@ -89,8 +89,8 @@ class TableStateStore:
             return
         error = delivery.exception()
         if error is not None:
-            log.warning("%d state changelog records not delivered (%r); partition %d's recovery offset stays "
-                        "at the last acknowledged record", sent.count, error, sent.partition)
+            log.error("%d state changelog records not delivered (%r); partition %d's recovery offset stays "
+                      "at the last acknowledged record", sent.count, error, sent.partition)
             return
         last = delivery.result().offset + sent.count - 1  # the batch's first offset, then one per record
         partition = sent.partition
