@@ -160,7 +160,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
         os.kill(os.getpid(), signal.SIGTERM)
 
     probe = EndOffsetProbe(aiokafka_options(settings)) if settings.embedded_broker else None
-    install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings), probe)
+    install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings),
+                           settings.overlap_min_events, probe)
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)

@@ -14,13 +14,14 @@ Records of every other topic still take faust's normal route.
 The handler runs inside the fetch loop, in two parts.  Called with a batch,
 it prepares it (validation and grouping: nothing that reads state); the
 awaitable it returns applies it (state, model, publish).  While the worker is
-behind -- a fetch returned at least half of ``broker_max_poll_records`` --
-that awaitable runs as a task while the loop fetches and prepares the next
-batch, so one batch's model step (torch, in a thread of its own, which
-releases the GIL) overlaps the next batch's fetch and validation: +15 %
-events/s in the bench.  Otherwise the loop awaits it before fetching again:
-a batch fetched early would wait for the one in flight, which raised p50 at
-5,000 events/s from ~35 to ~55 ms.  At most one batch is in flight and the
+behind -- a fetch returned at least ``overlap_min_events`` records
+(PROFILESTREAM_OVERLAP_MIN_EVENTS) -- that awaitable runs as a task while the
+loop fetches and prepares the next batch, so one batch's model step (torch,
+in a thread of its own, which releases the GIL) overlaps the next batch's
+fetch and validation: +15 % events/s in the bench.  A smaller batch is
+awaited before the next fetch: a batch fetched early waits for the one in
+flight, which raised p50 at 5,000 events/s from ~35 to ~55 ms when every
+batch overlapped.  At most one batch is in flight and the
 next is applied only after it has been applied and acked, so batches apply in
 offset order, a batch is acked only once applied -- at-least-once exactly as
 with an agent -- and faust's rebalance code still waits for unacked records
@@ -103,6 +104,8 @@ class BatchingConsumer(FetchWaitConsumer):
     #: Set by :func:`install` before the worker starts.
     batch_topics: frozenset[str] = frozenset()
     batch_handler: BatchHandler | None = None
+    #: A batch of at least this many records means the worker is behind (see the module docstring).
+    overlap_min_events: int = 1
     #: Embedded broker only: corrects its end offsets (streams/end_offsets.py), which
     #: faust's changelog recovery and the lag monitor read through :meth:`highwaters`.
     end_offset_probe: EndOffsetProbe | None = None
@@ -199,7 +202,7 @@ class BatchingConsumer(FetchWaitConsumer):
         next_offset = self._next_offset
         rewound_to = self._rewound_to
         inflight: asyncio.Future[None] | None = None
-        backlog = max(1, (self.app.conf.broker_max_poll_records or 1) // 2)
+        behind = self.overlap_min_events
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 batch: list[Message] = []
@@ -245,8 +248,8 @@ class BatchingConsumer(FetchWaitConsumer):
                     inflight = None
                 if finish is not None:
                     inflight = asyncio.ensure_future(self._finish_batch(finish, batch))
-                    if len(batch) < backlog:
-                        await inflight  # the fetch drained what was there: latency before throughput
+                    if len(batch) < behind:
+                        await inflight  # a small batch: latency before throughput
                         inflight = None
                 for tp, offset in rewind.items():
                     if next_offset.get(tp) != offset:
@@ -279,10 +282,11 @@ def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_
 
 
 def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int,
-            end_offset_probe: EndOffsetProbe | None = None) -> None:
+            overlap_min_events: int, end_offset_probe: EndOffsetProbe | None = None) -> None:
     """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
     _use_consumer(app, BatchingConsumer, fetch_max_wait_ms, batch_topics=frozenset(topics),
-                  batch_handler=staticmethod(handler), end_offset_probe=end_offset_probe)
+                  batch_handler=staticmethod(handler), overlap_min_events=overlap_min_events,
+                  end_offset_probe=end_offset_probe)
 
 
 def install_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
