@@ -48,11 +48,17 @@ def redelivered(worker: WorkerProcess) -> float:
     return metric_sum(worker.http("/metrics")[1].decode(), "profilestream_events_skipped_total", reason="redelivered")
 
 
+#: At these rates batches are far below PROFILESTREAM_OVERLAP_MIN_EVENTS; with 1, every batch is
+#: fetched and validated while the one before is in its model step, so the faults below hit a
+#: batch in flight (the other tests cover batches applied one after the other).
+OVERLAP_EVERY_BATCH = {"PROFILESTREAM_OVERLAP_MIN_EVENTS": "1"}
+
+
 def test_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(
         deployment: Deployment, model: ProfileModel) -> None:
     rng = random.Random(7)
     events = synthetic(3000, users=150, seed=21)
-    worker = deployment.worker().start()
+    worker = deployment.worker(**OVERLAP_EVERY_BATCH).start()
     producer = BackgroundProducer(deployment, events, paced(len(events), 120.0)).start()
     skipped = 0.0
     try:
@@ -60,7 +66,7 @@ def test_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(
             time.sleep(rng.uniform(0.5, 4.0))
             skipped += redelivered(worker)
             worker.kill()  # no shutdown code runs: no flush, no commit
-            worker = deployment.worker().start()  # same RocksDB directory
+            worker = deployment.worker(**OVERLAP_EVERY_BATCH).start()  # same RocksDB directory
         producer.join()
         finish(deployment, model, events, "kill -9 x3", [worker])
         skipped += redelivered(worker)
@@ -71,7 +77,8 @@ def test_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(
 
 def test_rebalance_under_live_traffic(deployment: Deployment, model: ProfileModel) -> None:
     events = synthetic(3000, users=200, seed=22)
-    first, second = deployment.worker(0).start(), deployment.worker(1).start()
+    first = deployment.worker(0, **OVERLAP_EVERY_BATCH).start()
+    second = deployment.worker(1, **OVERLAP_EVERY_BATCH).start()
     producer = BackgroundProducer(deployment, events, paced(len(events), 150.0)).start()
     try:
         time.sleep(6)
