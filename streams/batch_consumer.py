@@ -260,6 +260,9 @@ class BatchingConsumer(FetchWaitConsumer):
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
                     await self.commit()
+            if inflight is not None:
+                await inflight  # stopping between batches: the batch in flight is finished first
+                inflight = None
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return
@@ -270,7 +273,7 @@ class BatchingConsumer(FetchWaitConsumer):
             raise
         finally:
             if inflight is not None and not inflight.done():
-                inflight.cancel()  # as the handler itself would be, were it awaited here
+                inflight.cancel()  # cancelled mid-fetch: as an awaited handler would have been
 
 
 def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_ms: int, **attrs: object) -> None:

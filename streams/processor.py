@@ -15,8 +15,9 @@ by the idle TTL) and batches take one lock, so an erase never lands between a
 batch's state write and its profile publish.
 
 The processor knows the model only through its step API (``prepare_advance``,
-``predict`` and the state codec) and Kafka only through :class:`~streams.publish.Publisher`, so the
-same code runs behind the faust agent, the benchmark and the tests.
+``predict`` and the state codec) and Kafka only through
+:class:`~streams.publish.Publisher`, so the same code runs behind the faust
+agent, the benchmark and the tests.
 """
 
 from __future__ import annotations
