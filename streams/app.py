@@ -20,6 +20,7 @@ import faust
 from models import ProfileModel
 
 from .batch_consumer import install as install_batch_consumer
+from .delivery import DeliveryGuard
 from .end_offsets import EndOffsetProbe
 from .kafka_config import aiokafka_options, faust_credentials
 from .lookup import register_lookup
@@ -79,6 +80,7 @@ def faust_config(settings: Settings) -> dict[str, object]:
         broker_commit_interval=1.0,
         producer_linger=0.005,
         producer_max_batch_size=settings.producer_batch_bytes,
+        producer_request_timeout=settings.producer_request_timeout_s,
         worker_redirect_stdouts=False,
     )
     credentials = faust_credentials(settings)
@@ -111,11 +113,6 @@ def rocksdb_options(settings: Settings) -> dict[str, int]:
             "block_cache_size": settings.rocksdb_block_cache_mb * mib}
 
 
-def to_source_record(msg: faust.types.Message) -> SourceRecord:
-    return SourceRecord(msg.topic, msg.partition, msg.offset, int(msg.timestamp * 1000), msg.key, msg.value,
-                        tuple(msg.headers or ()))
-
-
 def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None = None) -> ProfileStreamApp:
     app = faust.App(settings.app_id, **faust_config(settings))
     metrics = metrics or Metrics()
@@ -126,13 +123,14 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     # TableStateStore (raw bytes), never through table[key].
     table = app.Table(TABLE_NAME, partitions=settings.partitions, key_type=bytes, value_type=bytes,
                       options=rocksdb_options(settings))
-    store = TableStateStore(table)
-    publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic)
+    guard = DeliveryGuard(lambda exc: fail(exc, "an output was not delivered"))
+    store = TableStateStore(table, guard)
+    publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic, guard)
     processor = BatchProcessor(model, store, publisher, metrics,
                                reset_mismatched=settings.on_model_mismatch == "reset")
     health = WorkerHealth()
 
-    def on_batch(messages: Sequence[faust.types.Message]) -> Awaitable[None]:
+    def on_batch(records: Sequence[SourceRecord]) -> Awaitable[None]:
         """One fetched batch of raw events: prepared now, applied by the awaitable returned.
 
         An unexpected error stops the whole worker (SIGTERM to itself: a graceful
@@ -141,7 +139,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
         here as an error: it is dead-lettered by the processor.
         """
         try:
-            prepared = processor.prepare([to_source_record(m) for m in messages])
+            prepared = processor.prepare(records)
         except Exception as exc:
             fail(exc)
             raise
@@ -154,14 +152,14 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
             fail(exc)
             raise
 
-    def fail(exc: Exception) -> None:
+    def fail(exc: BaseException, what: str = "batch processing failed") -> None:
         health.error = exc
-        log.critical("batch processing failed, stopping the worker: %r", exc, exc_info=exc)
+        log.critical("%s, stopping the worker: %r", what, exc, exc_info=exc)
         os.kill(os.getpid(), signal.SIGTERM)
 
     probe = EndOffsetProbe(aiokafka_options(settings)) if settings.embedded_broker else None
     install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings),
-                           settings.overlap_min_events, probe)
+                           settings.overlap_min_events, guard, probe)
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)

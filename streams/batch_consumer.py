@@ -7,8 +7,11 @@ an Event, and ``take_events`` buffers it again -- ~4.7k events/s on this
 the same topic at >100k/s.  This consumer keeps faust's fetch loop, flow
 control (pause during rebalances, generation checks), gap tracking, acking and
 offset commits, and changes one thing: records of the *batch topics* are
-collected per fetch and handed to ``batch_handler`` as one list, then acked
-in one step (:meth:`BatchingConsumer._ack_batch`).
+collected per fetch, as :class:`~streams.records.SourceRecord` s built straight
+from the client's records (faust's per-record ``Message``, end-offset update and
+round-robin scheduling held the GIL ~5-8 % of the time in live traffic, py-spy), handed to
+``batch_handler`` as one list, then acked in one step
+(:meth:`BatchingConsumer._ack_batch`).
 Records of every other topic still take faust's normal route.
 
 The handler runs inside the fetch loop, in two parts.  Called with a batch,
@@ -50,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Optional, Sequence, Set
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set
 
 import aiokafka
 import faust
@@ -61,13 +64,15 @@ from faust.types.tuples import ack_lock
 from mode import ServiceT
 from mode.utils.futures import notify
 
+from .delivery import DeliveryGuard
 from .end_offsets import EndOffsetProbe
+from .records import SourceRecord
 
 log = logging.getLogger(__name__)
 
 #: Called with a batch; what it does before returning may run while the previous batch
 #: is still being finished; the awaitable it returns finishes this one.
-BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
+BatchHandler = Callable[[Sequence[SourceRecord]], Awaitable[None]]
 
 
 class FetchWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -106,6 +111,8 @@ class BatchingConsumer(FetchWaitConsumer):
     batch_handler: BatchHandler | None = None
     #: A batch of at least this many records means the worker is behind (see the module docstring).
     overlap_min_events: int = 1
+    #: Set by :func:`install`: no offsets are committed once an output was not delivered.
+    delivery_guard: DeliveryGuard | None = None
     #: Embedded broker only: corrects its end offsets (streams/end_offsets.py), which
     #: faust's changelog recovery and the lag monitor read through :meth:`highwaters`.
     end_offset_probe: EndOffsetProbe | None = None
@@ -129,6 +136,23 @@ class BatchingConsumer(FetchWaitConsumer):
         if self.end_offset_probe is None:
             return reported
         return await self.end_offset_probe.exact(reported)
+
+    async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        """faust's commit, refused once an output was not delivered (streams/delivery.py).
+
+        Every commit (periodic, on rebalance, on shutdown) comes here.  The
+        outputs of the batches being committed were handed to the client
+        before they were acked; the guard waits until each has been delivered
+        or has failed before it decides.
+        """
+        guard = self.delivery_guard
+        if guard is not None:
+            await self.app.producer.flush()
+            if not await guard.commit_allowed():
+                log.error("not committing offsets %s: an output was not delivered, so the events "
+                          "are read again after the restart", dict(offsets))
+                return False
+        return await super()._commit_offsets(offsets, start_new_transaction)
 
     async def on_stop(self) -> None:
         await super().on_stop()
@@ -160,31 +184,59 @@ class BatchingConsumer(FetchWaitConsumer):
             self._next_offset[tp] = start if start is not None else 0
             self._rewound_to.pop(tp, None)
 
-    def _ack_batch(self, batch: Sequence[Message]) -> None:
+    def _ack_batch(self, batch: Sequence[SourceRecord], pending: Message) -> None:
         """faust's per-record ``ack`` bookkeeping for a whole batch, once per partition.
 
         Per record it cost a lock, a weak-set discard and a sensor call (~5 % of
-        the worker); the offsets it records are what faust commits.
+        the worker); the offsets it records are what faust commits.  ``pending``
+        is the message that made rebalances and shutdown wait for the batch.
         """
-        offsets: dict[TP, list[int]] = {}
-        for message in batch:
-            offsets.setdefault(message.tp, []).append(message.offset)
+        offsets: dict[tuple[str, int], list[int]] = {}
+        for record in batch:
+            offsets.setdefault((record.topic, record.partition), []).append(record.offset)
         with ack_lock:
-            for tp, tp_offsets in offsets.items():
-                if not self.app.topics.acks_enabled_for(tp.topic):
-                    continue
-                committed = self._committed_offset[tp]
-                index = self._acked_index[tp]
-                new = [o for o in tp_offsets if (committed is None or o >= committed) and o not in index]
-                index.update(new)
-                self._acked[tp].extend(new)
-                self._n_acked += len(new)
-            self._unacked_messages.discard(batch[-1])
+            for (topic, partition), tp_offsets in offsets.items():
+                if self.app.topics.acks_enabled_for(topic):
+                    tp = TP(topic, partition)
+                    committed = self._committed_offset[tp]
+                    index = self._acked_index[tp]
+                    new = [o for o in tp_offsets if (committed is None or o >= committed) and o not in index]
+                    index.update(new)
+                    self._acked[tp].extend(new)
+                    self._n_acked += len(new)
+            self._unacked_messages.discard(pending)
             notify(self._waiting_for_ack)
 
-    async def _finish_batch(self, finish: Awaitable[None], batch: Sequence[Message]) -> None:
+    async def _finish_batch(self, finish: Awaitable[None], batch: Sequence[SourceRecord], pending: Message) -> None:
         await finish
-        self._ack_batch(batch)
+        self._ack_batch(batch, pending)
+
+    async def _fetch(self, timeout: float) -> list[tuple[TP, list[Any]]]:
+        """faust's ``getmany`` with its per-record work done once per partition.
+
+        The same rules: nothing while the flow is suspended (faust seeks back to
+        the committed offsets then), only partitions that are active, and the
+        end offset the lag monitor reads, tracked from the client's highwater.
+        """
+        records, active_partitions = await self._wait_next_records(timeout)
+        if records is None or self.should_stop:
+            return []
+        if not self.flow_active:
+            try:
+                await self.perform_seek()
+            except Exception as exc:  # faust's own handling: the next fetch tries again
+                log.warning("seek while the flow is not active failed: %r", exc)
+            return []
+        fetched = []
+        for tp, tp_records in records.items():
+            if active_partitions is None or tp in active_partitions or tp in self._buffered_partitions:
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                fetched.append((tp, tp_records))
+        return fetched
+
+    def _delivering(self, generation_id: int) -> bool:
+        """Whether records fetched in ``generation_id`` may still be handed on (faust's getmany rule)."""
+        return self.flow_active and self.app.consumer_generation_id == generation_id
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - run by faust
         # Mirrors faust.transport.consumer.Consumer._drain_messages (0.15.3),
@@ -205,49 +257,65 @@ class BatchingConsumer(FetchWaitConsumer):
         behind = self.overlap_min_events
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
-                batch: list[Message] = []
+                batch: list[SourceRecord] = []
+                last: tuple[TP, Any] | None = None
                 rewind: dict[TP, int] = {}
-                ait = self.getmany(timeout=1.0)
                 await self.sleep(0)
                 if self.should_stop:
                     break
-                async for tp, message in ait:
-                    offset = message.offset
-                    if message.topic in batch_topics:
-                        expected = next_offset.get(tp)
-                        if expected is None or offset < expected or tp in rewind:
-                            continue  # not positioned yet (perform_seek will), already processed, or rewinding
-                        if offset > expected:
-                            if rewound_to.get(tp) != expected:
-                                rewind[tp] = expected  # [expected, offset) were fetched but never handed to us
-                                continue
-                            # Rewound there already and it still starts later: a real gap (e.g. transaction markers).
-                            log.warning("%s: offsets %d-%d are missing from the topic; going on at %d",
-                                        tp, expected, offset - 1, offset)
-                            if acks_enabled_for(message.topic):
-                                await self._add_gap(tp, expected, offset - 1)
-                        next_offset[tp] = offset + 1
-                        batch.append(message)
-                        set_read_offset(tp, offset)
+                fetched = await self._fetch(timeout=1.0)
+                generation_id = self.app.consumer_generation_id
+                for tp, records in fetched:
+                    if not self._delivering(generation_id):
+                        break  # a rebalance began: faust's getmany stops delivering here too
+                    topic = tp.topic
+                    if topic in batch_topics:
+                        for record in records:
+                            offset = record.offset
+                            expected = next_offset.get(tp)
+                            if expected is None or offset < expected or tp in rewind:
+                                continue  # not positioned yet (perform_seek will), already processed, or rewinding
+                            if offset > expected:
+                                if rewound_to.get(tp) != expected:
+                                    rewind[tp] = expected  # [expected, offset) were fetched but never handed to us
+                                    continue
+                                # Rewound there already and it still starts later: a real gap (e.g. transaction
+                                # markers).
+                                log.warning("%s: offsets %d-%d are missing from the topic; going on at %d",
+                                            tp, expected, offset - 1, offset)
+                                if acks_enabled_for(topic):
+                                    await self._add_gap(tp, expected, offset - 1)
+                                if not self._delivering(generation_id):
+                                    break
+                            next_offset[tp] = offset + 1
+                            batch.append(SourceRecord(topic, tp.partition, offset, record.timestamp, record.key,
+                                                      record.value, tuple(record.headers or ())))
+                            last = (tp, record)
+                            set_read_offset(tp, offset)
                         continue
-                    r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already read in this generation
-                    if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    await self.wait_first(callback(message), self.suspend_flow.wait())
-                    set_read_offset(tp, offset)
-                finish = None
-                if batch:
+                    for record in records:
+                        if not self._delivering(generation_id):
+                            break
+                        offset = record.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # already read in this generation
+                        if r_offset and offset - r_offset > 1 and acks_enabled_for(topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        await self.wait_first(callback(self._to_message(tp, record)), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                finish = pending = None
+                if last is not None:
                     # One pending message makes faust's rebalance and shutdown wait for the
                     # batch (``wait_empty``), as tracking each record would, at a fraction of the cost.
-                    self._unacked_messages.add(batch[-1])
+                    pending = self._to_message(*last)
+                    self._unacked_messages.add(pending)
                     finish = handler(batch)  # its synchronous part overlaps the batch in flight
                 if inflight is not None:
                     await inflight
                     inflight = None
-                if finish is not None:
-                    inflight = asyncio.ensure_future(self._finish_batch(finish, batch))
+                if finish is not None and pending is not None:
+                    inflight = asyncio.ensure_future(self._finish_batch(finish, batch, pending))
                     if len(batch) < behind:
                         await inflight  # a small batch: latency before throughput
                         inflight = None
@@ -285,11 +353,12 @@ def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_
 
 
 def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int,
-            overlap_min_events: int, end_offset_probe: EndOffsetProbe | None = None) -> None:
+            overlap_min_events: int, delivery_guard: DeliveryGuard,
+            end_offset_probe: EndOffsetProbe | None = None) -> None:
     """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
     _use_consumer(app, BatchingConsumer, fetch_max_wait_ms, batch_topics=frozenset(topics),
                   batch_handler=staticmethod(handler), overlap_min_events=overlap_min_events,
-                  end_offset_probe=end_offset_probe)
+                  delivery_guard=delivery_guard, end_offset_probe=end_offset_probe)
 
 
 def install_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:

@@ -6,8 +6,7 @@ nothing consumed is committed before what it produced is on the broker.
 
 from __future__ import annotations
 
-import functools
-from typing import Awaitable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import faust
 import numpy as np
@@ -15,7 +14,8 @@ import orjson
 
 from models.events import EVENT_TYPES
 
-from .record_batches import key_partitions, log_if_failed, send_records
+from .delivery import DeliveryGuard
+from .record_batches import key_partitions, send_records
 from .validate import Rejection
 
 #: Version of the profile message schema (streams/schemas/profile.schema.json).
@@ -64,12 +64,15 @@ def headers_dict(headers: Sequence[tuple[str, bytes]] | None) -> Mapping[str, st
 
 
 class Publisher:
-    """Sends profiles and dead letters through faust's producer, without awaiting delivery."""
+    """Sends profiles and dead letters through faust's producer, without awaiting delivery
+    (``guard`` watches every delivery: streams/delivery.py)."""
 
-    def __init__(self, producer: faust.types.ProducerT, profiles_topic: str, dlq_topic: str) -> None:
+    def __init__(self, producer: faust.types.ProducerT, profiles_topic: str, dlq_topic: str,
+                 guard: DeliveryGuard) -> None:
         self.producer = producer
         self.profiles_topic = profiles_topic
         self.dlq_topic = dlq_topic
+        self.guard = guard
 
     async def profiles(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Profile messages (user id, value), keyed by user, as one record batch per partition."""
@@ -80,13 +83,15 @@ class Publisher:
             by_partition.setdefault(partition, []).append((key, value))
         for partition, records in by_partition.items():
             for sent in await send_records(self.producer, self.profiles_topic, partition, records):
-                sent.delivery.add_done_callback(functools.partial(log_if_failed, sent))
+                self.guard.watch(sent.delivery, f"{sent.count} profiles for {sent.topic}[{sent.partition}]")
 
-    async def tombstone(self, user_id: str) -> Awaitable[object]:
+    async def tombstone(self, user_id: str) -> None:
         """A null value: compaction then forgets the user's profile."""
-        return await self.producer.send(self.profiles_topic, user_id.encode(), None, None, None, None)
+        delivery = await self.producer.send(self.profiles_topic, user_id.encode(), None, None, None, None)
+        self.guard.watch(delivery, f"the profile tombstone of user {user_id!r}")  # type: ignore[arg-type]
 
-    async def dead_letter(self, rejection: Rejection) -> Awaitable[object]:
+    async def dead_letter(self, rejection: Rejection) -> None:
         rec = rejection.record
-        return await self.producer.send(self.dlq_topic, rec.key, rec.value, None, None,
-                                        dead_letter_headers(rejection))
+        delivery = await self.producer.send(self.dlq_topic, rec.key, rec.value, None, None,
+                                            dead_letter_headers(rejection))
+        self.guard.watch(delivery, f"the dead letter of {rec.topic}[{rec.partition}]@{rec.offset}")  # type: ignore[arg-type]

@@ -16,14 +16,11 @@ produced is on the broker.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import aiokafka
 import faust
-
-log = logging.getLogger(__name__)
 
 Record = tuple[Optional[bytes], Optional[bytes]]
 
@@ -74,10 +71,3 @@ async def key_partitions(producer: faust.types.ProducerT, topic: str, keys: Sequ
     """The partition the client's default partitioner (Kafka's murmur2) gives each key."""
     await client(producer).partitions_for(topic)  # the topic's metadata first (cached once known)
     return [producer.key_partition(topic, key).partition for key in keys]
-
-
-def log_if_failed(sent: SentBatch, delivery: asyncio.Future) -> None:
-    """Done-callback: a batch the broker did not take is logged with where it was going."""
-    if not delivery.cancelled() and delivery.exception() is not None:
-        log.error("%d records for %s[%d] were not delivered: %r",
-                  sent.count, sent.topic, sent.partition, delivery.exception())

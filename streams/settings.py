@@ -54,6 +54,12 @@ class Settings:
         "Largest produce batch per partition (profiles, state changelog, dead letters). aiokafka keeps one "
         "open batch per partition and makes a send wait while it is full, so Kafka's usual 16384 stalls "
         "the worker every ~10 profiles. Keep it below the brokers' message.max.bytes (1 MiB by default).")
+    producer_request_timeout_s: float = _env_field(
+        "PROFILESTREAM_PRODUCER_REQUEST_TIMEOUT_S", 120.0,
+        "How long the worker's producer retries a produce request (profiles, state changelog, dead "
+        "letters) before it gives the records up. A record given up stops the worker before its next "
+        "offset commit, so the events are read again after the restart (docs/reliability.md). faust's "
+        "default is 1200; 120 is the Java producer's delivery.timeout.ms.")
     fetch_max_wait_ms: int = _env_field(
         "PROFILESTREAM_FETCH_MAX_WAIT_MS", 500,
         "Longest a fetch waits for records (Kafka answers as soon as there are any, so this "
@@ -133,6 +139,8 @@ class Settings:
         problems = []
         if self.partitions < 1:
             problems.append("PROFILESTREAM_PARTITIONS must be >= 1")
+        if self.producer_request_timeout_s <= 0:
+            problems.append("PROFILESTREAM_PRODUCER_REQUEST_TIMEOUT_S must be > 0")
         if self.batch_max < 1:
             problems.append("PROFILESTREAM_BATCH_MAX must be >= 1")
         if self.overlap_min_events < 1:

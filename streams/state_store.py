@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from typing import Iterable, Iterator, Sequence
 
 import faust
 import rocksdict
 
+from .delivery import DeliveryGuard
 from .record_batches import SentBatch, send_records
-
-log = logging.getLogger(__name__)
 
 #: Keys faust keeps in each partition's RocksDB next to ours (its changelog offset).
 _FAUST_PREFIX = b"__faust\0"
@@ -33,8 +31,10 @@ _FAUST_PREFIX = b"__faust\0"
 class TableStateStore:
     """Batched access to a faust ``Table`` whose store is ``rocksdb://``."""
 
-    def __init__(self, table: faust.Table) -> None:
+    def __init__(self, table: faust.Table, guard: DeliveryGuard) -> None:
         self.table = table
+        #: Watches every changelog delivery (streams/delivery.py).
+        self.guard = guard
         #: Partition -> the changelog offset last recorded in its RocksDB.
         self._recorded: dict[int, int] = {}
 
@@ -76,6 +76,7 @@ class TableStateStore:
         self._db(partition).write(batch)
         topic = self.table.changelog_topic.get_topic_name()
         for sent in await send_records(self.table.app.producer, topic, partition, records):
+            self.guard.watch(sent.delivery, f"{sent.count} state changelog records for {topic}[{partition}]")
             sent.delivery.add_done_callback(functools.partial(self._on_delivered, sent))
 
     def _on_delivered(self, sent: SentBatch, delivery: asyncio.Future) -> None:
@@ -85,13 +86,8 @@ class TableStateStore:
         in flight at a crash) is read again by recovery, which replays the
         changelog from this offset to its end.
         """
-        if delivery.cancelled():
-            return
-        error = delivery.exception()
-        if error is not None:
-            log.error("%d state changelog records not delivered (%r); partition %d's recovery offset stays "
-                      "at the last acknowledged record", sent.count, error, sent.partition)
-            return
+        if delivery.cancelled() or delivery.exception() is not None:
+            return  # the guard reports it; the recovery offset stays at the last acknowledged record
         last = delivery.result().offset + sent.count - 1  # the batch's first offset, then one per record
         partition = sent.partition
         if partition in self.table.data._dbs and last > self._recorded.get(partition, -1):

@@ -289,8 +289,22 @@ def assert_matches_replay(published: dict[str, dict], expected: dict[str, dict])
         got = published[user]
         worst = max(worst, float(np.abs(np.array(got["profile"]) - np.array(exp["profile"])).max()))
         worst = max(worst, max(abs(got["intent"][t] - exp["intent"][t]) for t in EVENT_TYPES))
-        assert got["top_categories"] == exp["top_categories"], user
+        assert same_ranking(got["top_categories"], exp["top_categories"]), (user, got["top_categories"],
+                                                                             exp["top_categories"])
     assert worst <= TOL, f"max abs diff {worst}"
+
+
+def same_ranking(got: Sequence[str], want: Sequence[str]) -> bool:
+    """The same categories, each at most one place from where replay has it.
+
+    The LSTM run over another batch composition differs in the last float
+    bits (within TOL), which can swap two neighbours whose scores tie that
+    closely; a wrong state moves the profile and intent far past TOL as well.
+    """
+    if sorted(got) != sorted(want):
+        return False
+    rank = {c: i for i, c in enumerate(want)}
+    return all(abs(rank[c] - i) <= 1 for i, c in enumerate(got))
 
 
 def metric_sum(exposition: str, name: str, **labels: str) -> float:
