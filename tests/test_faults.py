@@ -116,12 +116,16 @@ def test_broker_stall_recovers_by_itself(broker: EmbeddedBroker, deployment: Dep
 def test_outputs_lost_in_a_broker_stall_stop_the_worker_before_it_commits(
         broker: EmbeddedBroker, deployment: Deployment, model: ProfileModel) -> None:
     """The broker stalls longer than the producer retries while the worker works through a backlog:
-    the client gives outputs up.  Committing past them would lose those users' newest state and
+    the client gives outputs up.  Committing past them could lose those users' newest state and
     profile, so the worker must stop itself without committing; the next one reads the events
-    again and writes what was lost (streams/delivery.py)."""
-    # Most users have one or two events, so an output given up is often a user's last: without
-    # the stop, nothing later would write it again and the count check below would catch it.
-    events = synthetic(24_000, users=24_000, seed=25)
+    again and writes them again (streams/delivery.py).
+
+    What can be run here is a stall: Tansu enforces neither message size nor ACLs, so a broker
+    that refuses records outright cannot be.  After a stall Tansu still appends the request it
+    had read, so the records the client gave up usually arrive after all; what this proves is
+    the stop, that the next worker re-reads, and that nothing ends up lost or applied twice.
+    """
+    events = synthetic(36_000, users=36_000, seed=25)
     worker = deployment.worker(PROFILESTREAM_PRODUCER_REQUEST_TIMEOUT_S="2").start()
     deployment.produce(events)  # seconds of work for the worker...
     broker.pause()  # ...which it is in the middle of when the broker stops answering
@@ -131,10 +135,10 @@ def test_outputs_lost_in_a_broker_stall_stop_the_worker_before_it_commits(
         broker.resume()
     assert worker.proc is not None
     wait_for(lambda: worker.proc.poll() is not None, 90, what="the worker to stop itself")
-    output = worker.log_tail(400)
+    output = worker.log_path.read_text(errors="replace")
     assert worker.proc.returncode != 0
     assert "not delivered" in output and "an output was not delivered, stopping the worker" in output
-    assert "not committing offsets" in output  # its last commits were refused
+    # A commit under way when the worker stops is cancelled, so "refused" may be 0.
     log.warning("broker stall past the producer timeout: %d outputs given up, %d commits refused",
                 output.count("not delivered:"), output.count("not committing offsets"))
     worker = deployment.worker().start()  # same RocksDB directory
