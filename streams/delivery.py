@@ -6,8 +6,9 @@ and faust flushes the client before every offset commit.  A flush waits for
 deliveries; it does not fail when one failed (the client gave up after its
 retries and ``PROFILESTREAM_PRODUCER_REQUEST_TIMEOUT_S``, or the broker refused
 the batch).  Committing then would cover events whose changelog record or
-profile is lost: the changelog would be missing state a restart recovers from,
-and subscribers would keep a stale profile.
+profile may never have reached the broker (a timed-out request can still be
+appended; a refused one never is): the changelog would miss state a restart
+recovers from, and subscribers would keep a stale profile.
 
 So every delivery is watched here.  The first failure is logged and reported
 (the worker stops itself), and from then on the consumer refuses to commit
