@@ -143,11 +143,10 @@ class BatchingConsumer(FetchWaitConsumer):
         Every commit (periodic, on rebalance, on shutdown) comes here.  The
         outputs of the batches being committed were handed to the client
         before they were acked; the guard waits until each has been delivered
-        or has failed before it decides.
+        or has failed before it decides (faust's own flush follows, for anything else).
         """
         guard = self.delivery_guard
         if guard is not None:
-            await self.app.producer.flush()
             if not await guard.commit_allowed():
                 log.error("not committing offsets %s: an output was not delivered, so the events "
                           "are read again after the restart", dict(offsets))
@@ -304,18 +303,18 @@ class BatchingConsumer(FetchWaitConsumer):
                             await self._add_gap(tp, r_offset + 1, offset)
                         await self.wait_first(callback(self._to_message(tp, record)), self.suspend_flow.wait())
                         set_read_offset(tp, offset)
-                finish = pending = None
+                started: tuple[Awaitable[None], Message] | None = None
                 if last is not None:
                     # One pending message makes faust's rebalance and shutdown wait for the
                     # batch (``wait_empty``), as tracking each record would, at a fraction of the cost.
                     pending = self._to_message(*last)
                     self._unacked_messages.add(pending)
-                    finish = handler(batch)  # its synchronous part overlaps the batch in flight
+                    started = (handler(batch), pending)  # its synchronous part overlaps the batch in flight
                 if inflight is not None:
                     await inflight
                     inflight = None
-                if finish is not None and pending is not None:
-                    inflight = asyncio.ensure_future(self._finish_batch(finish, batch, pending))
+                if started is not None:
+                    inflight = asyncio.ensure_future(self._finish_batch(started[0], batch, started[1]))
                     if len(batch) < behind:
                         await inflight  # a small batch: latency before throughput
                         inflight = None
