@@ -182,6 +182,11 @@ class BatchingConsumer(FetchWaitConsumer):
             start = offset if offset else starts.get(tp)
             self._next_offset[tp] = start if start is not None else 0
             self._rewound_to.pop(tp, None)
+        if unknown:
+            # aiokafka's seek_to_committed leaves a partition with nothing committed where it
+            # is, which may be past records the fetch skipped before it was positioned; only a
+            # later record would reveal that (a rewind), so a backlog with none after it would wait.
+            await self.seek_wait({tp: self._next_offset[tp] for tp in unknown})
 
     def _ack_batch(self, batch: Sequence[SourceRecord], pending: Message) -> None:
         """faust's per-record ``ack`` bookkeeping for a whole batch, once per partition.
@@ -213,18 +218,19 @@ class BatchingConsumer(FetchWaitConsumer):
     async def _fetch(self, timeout: float) -> list[tuple[TP, list[Any]]]:
         """faust's ``getmany`` with its per-record work done once per partition.
 
-        The same rules: nothing while the flow is suspended (faust seeks back to
-        the committed offsets then), only partitions that are active, and the
-        end offset the lag monitor reads, tracked from the client's highwater.
+        The same rules: nothing while the flow is suspended, only partitions
+        that are active, and the end offset the lag monitor reads, tracked from
+        the client's highwater.  One difference: faust's getmany also seeks
+        every partition back to its committed offset when the flow is found
+        suspended.  That is left to the seek faust's recovery ends every
+        rebalance with (:meth:`perform_seek`), which positions batch processing
+        too: the extra seek raced the rebalance under way -- it failed when the
+        assignment changed beneath it (seen in the fault tests), and its
+        offsets could land after that final seek -- and it kept the fetch loop
+        waiting on broker round trips while the flow was stopped.
         """
         records, active_partitions = await self._wait_next_records(timeout)
-        if records is None or self.should_stop:
-            return []
-        if not self.flow_active:
-            try:
-                await self.perform_seek()
-            except Exception as exc:  # faust's own handling: the next fetch tries again
-                log.warning("seek while the flow is not active failed: %r", exc)
+        if records is None or self.should_stop or not self.flow_active:
             return []
         fetched = []
         for tp, tp_records in records.items():

@@ -15,7 +15,7 @@ import orjson
 from models.events import EVENT_TYPES
 
 from .delivery import DeliveryGuard
-from .record_batches import key_partitions, send_records
+from .record_batches import client, key_partitions, send_records
 from .validate import Rejection
 
 #: Version of the profile message schema (streams/schemas/profile.schema.json).
@@ -82,7 +82,7 @@ class Publisher:
                                               items):
             by_partition.setdefault(partition, []).append((key, value))
         for partition, records in by_partition.items():
-            for sent in await send_records(self.producer, self.profiles_topic, partition, records):
+            for sent in await send_records(client(self.producer), self.profiles_topic, partition, records):
                 self.guard.watch(sent.delivery, f"{sent.count} profiles for {sent.topic}[{sent.partition}]")
 
     async def tombstone(self, user_id: str) -> None:

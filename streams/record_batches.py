@@ -40,14 +40,14 @@ def client(producer: faust.types.ProducerT) -> aiokafka.AIOKafkaProducer:
     return producer._ensure_producer()  # type: ignore[attr-defined]
 
 
-async def send_records(producer: faust.types.ProducerT, topic: str, partition: int,
+async def send_records(kafka: aiokafka.AIOKafkaProducer, topic: str, partition: int,
                        records: Iterable[Record]) -> list[SentBatch]:
     """Send ``records`` (key, value) to one partition, in order, in as few batches as fit.
 
     Returns once they sit in the client's buffer; the futures in the result
-    say when (and whether) the broker acknowledged them.
+    say when (and whether) the broker acknowledged them.  The worker passes
+    the client inside faust's producer (:func:`client`).
     """
-    kafka = client(producer)
     sent: list[SentBatch] = []
     batch, count = kafka.create_batch(), 0
 

@@ -22,7 +22,7 @@ import faust
 import rocksdict
 
 from .delivery import DeliveryGuard
-from .record_batches import SentBatch, send_records
+from .record_batches import SentBatch, client, send_records
 
 #: Keys faust keeps in each partition's RocksDB next to ours (its changelog offset).
 _FAUST_PREFIX = b"__faust\0"
@@ -75,7 +75,7 @@ class TableStateStore:
         """
         self._db(partition).write(batch)
         topic = self.table.changelog_topic.get_topic_name()
-        for sent in await send_records(self.table.app.producer, topic, partition, records):
+        for sent in await send_records(client(self.table.app.producer), topic, partition, records):
             self.guard.watch(sent.delivery, f"{sent.count} state changelog records for {topic}[{partition}]")
             sent.delivery.add_done_callback(functools.partial(self._on_delivered, sent))
 

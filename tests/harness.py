@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,11 +215,47 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
 
-    def log_tail(self, n: int = 60) -> str:
+    def log_tail(self, n: int = 60, matching: str | None = None) -> str:
+        """The last ``n`` lines of the worker's log, or of its lines that match the regex ``matching``."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            lines = self.log_path.read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return "(no log)"
+        if matching is not None:
+            lines = [line for line in lines if re.search(matching, line)]
+        return "\n".join(lines[-n:])
+
+    def task_stacks(self, wait_s: float = 2.0) -> str:
+        """Where the worker's tasks that run our code, faust's recovery or the group protocol wait.
+
+        mode's worker writes every thread's and task's stack, with each frame's
+        local variables, to its log on SIGUSR1.  Kept: those tasks' ``File ...``
+        lines, and the local variables of the batch consumer's and the processor's
+        frames (offsets, the batch in flight), each cut to 300 characters -- so a CI log
+        shows where a stalled worker is stuck and what it was waiting for.
+        """
+        assert self.proc is not None
+        start = self.log_path.stat().st_size
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(wait_s)
+        with open(self.log_path, "rb") as f:
+            f.seek(start)
+            dump = f.read().decode(errors="replace")
+        kept = []
+        for task in dump.split("\n  TASK ")[1:]:
+            if "_run_module_as_main" in task or not re.search(
+                    r"/streams/|recovery\.py|wait_empty|group_coordinator\.py", task):
+                continue  # the main task only runs the worker
+            lines = task.splitlines()
+            kept.append("TASK " + lines[0])
+            ours = False
+            for line in lines:
+                if line.startswith('  File "'):
+                    ours = re.search(r"/streams/(batch_consumer|processor)\.py", line) is not None
+                    kept.append(line.strip())
+                elif ours and re.match(r"    \w+ = ", line):
+                    kept.append("    " + line.strip()[:300])
+        return "\n".join(kept)
 
     def stop(self, timeout: float = 30.0) -> int:
         """Graceful stop (SIGTERM), as an orchestrator would."""

@@ -39,9 +39,15 @@ def finish(dep: Deployment, model: ProfileModel, events: list[Event], what: str,
         for worker in workers:
             lag = [line for line in worker.http("/metrics")[1].decode().splitlines()
                    if line.startswith(("profilestream_consumer_lag_offsets", "profilestream_seconds_since"))]
-            log.error("worker %s: %s", worker.data_dir.name, lag)
+            log.error("worker %s: %s\nits last warnings and rebalance steps:\n%s\nits tasks:\n%s",
+                      worker.data_dir.name, lag, worker.log_tail(60, matching=REBALANCE_STEPS),
+                      worker.task_stacks())
     assert (lost, twice) == (0, 0)
     assert_matches_replay(published, expected_last(model, events))
+
+
+#: Worker log lines that tell what a stalled or wrong worker went through.
+REBALANCE_STEPS = r"WARNING|ERROR|CRITICAL|Recovery\]|Revoking|newly assigned|generation|rewinding"
 
 
 def redelivered(worker: WorkerProcess) -> float:
