@@ -45,7 +45,8 @@ had prefetched for the paused event partitions, and faust's ``getmany`` drops
 them; the partitions are resumed before ``perform_seek`` rewinds them to the
 committed offset, so the next batch started past them.  Hence: nothing is
 processed for a partition until ``perform_seek`` has positioned it for the
-current assignment, a jump past the expected offset rewinds the partition to
+current assignment (recorded the offset processing resumes at, then sought
+the consumer there), a jump past the expected offset rewinds the partition to
 it, and fetches get a snapshot of the active partitions.
 """
 
@@ -171,7 +172,17 @@ class BatchingConsumer(FetchWaitConsumer):
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def perform_seek(self) -> None:
-        """faust's seek to the committed offsets; they are where batch processing resumes."""
+        """faust's seek to the committed offsets; they are where batch processing resumes.
+
+        Ends by seeking each partition again, to the offset just recorded: the
+        fetch loop may have skipped records while this ran (its seek is made
+        in the consumer thread, and records fetched from the new position can
+        reach the loop before the offsets below are set), and aiokafka leaves
+        a partition with nothing committed where it was.  A skipped record is
+        otherwise noticed only when a later one arrives (a rewind); at the end
+        of a burst none does, and the partition waited forever (seen in the
+        rebalance fault test: 216 events unread after 120 s).
+        """
         await super().perform_seek()
         tps = [tp for tp in self.assignment() if tp.topic in self.batch_topics]
         committed = {tp: self._committed_offset.get(tp) for tp in tps}
@@ -182,11 +193,8 @@ class BatchingConsumer(FetchWaitConsumer):
             start = offset if offset else starts.get(tp)
             self._next_offset[tp] = start if start is not None else 0
             self._rewound_to.pop(tp, None)
-        if unknown:
-            # aiokafka's seek_to_committed leaves a partition with nothing committed where it
-            # is, which may be past records the fetch skipped before it was positioned; only a
-            # later record would reveal that (a rewind), so a backlog with none after it would wait.
-            await self.seek_wait({tp: self._next_offset[tp] for tp in unknown})
+        if tps:
+            await self.seek_wait({tp: self._next_offset[tp] for tp in tps})
 
     def _ack_batch(self, batch: Sequence[SourceRecord], pending: Message) -> None:
         """faust's per-record ``ack`` bookkeeping for a whole batch, once per partition.
