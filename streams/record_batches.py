@@ -8,9 +8,9 @@ bookkeeping, a sixth of a user's whole step.  aiokafka's batch API
 batch and gives one delivery future per batch: ~12 us a record, measured
 against the embedded broker.
 
-The batches go through faust's own producer, so faust's flush before every
-offset commit still covers them: nothing consumed is committed before what it
-produced is on the broker.
+The worker's batches go through the client inside faust's own producer
+(:func:`client`), so faust's flush before every offset commit still covers
+them: nothing consumed is committed before what it produced is on the broker.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ class WorkerProcess:
             lines = [line for line in lines if re.search(matching, line)]
         return "\n".join(lines[-n:])
 
-    def task_stacks(self, wait_s: float = 2.0) -> str:
+    def task_stacks(self, timeout_s: float = 20.0) -> str:
         """Where the worker's tasks that run our code, faust's recovery or the group protocol wait.
 
         mode's worker writes every thread's and task's stack, with each frame's
@@ -233,11 +233,21 @@ class WorkerProcess:
         lines, and the local variables of the batch consumer's and the processor's
         frames (offsets, the batch in flight), each cut to 300 characters -- so a CI log
         shows where a stalled worker is stuck and what it was waiting for.
+        The dump takes seconds on a loaded machine (a fixed 2 s wait once read
+        none of it), so this waits until the log has stopped growing for 1 s.
         """
         assert self.proc is not None
-        start = self.log_path.stat().st_size
+        start = size = self.log_path.stat().st_size
         self.proc.send_signal(signal.SIGUSR1)
-        time.sleep(wait_s)
+        deadline = changed = time.monotonic()
+        deadline += timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self.log_path.stat().st_size
+            if now != size:
+                size, changed = now, time.monotonic()
+            elif size > start and time.monotonic() - changed >= 1.0:
+                break
         with open(self.log_path, "rb") as f:
             f.seek(start)
             dump = f.read().decode(errors="replace")
