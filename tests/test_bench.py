@@ -17,7 +17,7 @@ from .harness import REPO
 def test_bench_runs_every_mode_and_reports_ratios_latency_and_memory() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "streams.cli", "bench", "--events", "3000", "--users", "300",
-         "--naive-seconds", "4", "--latency-seconds", "4", "--json"],
+         "--naive-seconds", "4", "--latency-seconds", "4", "--latency-loads", "0.5,0.2", "--json"],
         # Several batches: a worker's rate window opens when its first batch is done.
         env={**os.environ, "PROFILESTREAM_BATCH_MAX": "500"},
         cwd=REPO, text=True, capture_output=True, timeout=280)
@@ -34,9 +34,19 @@ def test_bench_runs_every_mode_and_reports_ratios_latency_and_memory() -> None:
     ratios = report["ratios"]
     assert ratios["profilestream_vs_passthrough"] == round(ps["events_per_s"] / report["passthrough"]["events_per_s"], 3)
     assert ratios["profilestream_vs_naive"] == round(ps["events_per_s"] / report["naive"]["events_per_s"], 1)
-    lat = report["latency"]["latency"]
-    assert report["latency"]["latency_samples"] > 0
-    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["p999_ms"] <= lat["max_ms"]
+    # One latency run per load, each offered its fraction of (c)'s rate; the half-load run is "latency".
+    curve = report["latency_curve"]
+    assert [run["load"] for run in curve] == [0.5, 0.2] and report["latency"] == curve[0]
+    for run in curve:
+        assert run["offered_events_per_s"] == round(run["load"] * ps["events_per_s"], 1)
+        lat = run["latency"]
+        assert run["latency_samples"] > 0
+        assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["p999_ms"] <= lat["max_ms"]
+        assert 0 < run["profiles_per_event"] <= 1
+    target = report["latency_target"]
+    met = [run for run in curve if run["latency"]["p99_ms"] <= 100]
+    assert target["met_at_half_load"] == (curve[0] in met)
+    assert target["highest_rate_met"] == max((run["offered_events_per_s"] for run in met), default=None)
     assert [s["fraction"] for s in ps["rss"]] == [0.25, 0.5, 0.75, 1.0]
     assert all(s["rss_bytes"] > 0 and s["users_cached"] > 0 for s in ps["rss"])
     assert ps["peak_rss_bytes"] >= max(s["rss_bytes"] for s in ps["rss"])
