@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 pytestmark = pytest.mark.slow
 
 
+#: Worker log lines that tell what a stalled or wrong worker went through.
+REBALANCE_STEPS = r"WARNING|ERROR|CRITICAL|Recovery\]|Revoking|newly assigned|generation|rewinding"
+
+
 def finish(dep: Deployment, model: ProfileModel, events: list[Event], what: str,
            workers: Sequence[WorkerProcess]) -> None:
     """Wait for the outputs, log lost / applied-twice counts, and check them against replay."""
@@ -44,10 +48,6 @@ def finish(dep: Deployment, model: ProfileModel, events: list[Event], what: str,
                       worker.task_stacks())
     assert (lost, twice) == (0, 0)
     assert_matches_replay(published, expected_last(model, events))
-
-
-#: Worker log lines that tell what a stalled or wrong worker went through.
-REBALANCE_STEPS = r"WARNING|ERROR|CRITICAL|Recovery\]|Revoking|newly assigned|generation|rewinding"
 
 
 def redelivered(worker: WorkerProcess) -> float:
