@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from streams.settings import Settings
-from streams.subscriber import ProfileSubscriber
+from streams.clients.subscriber import ProfileSubscriber
 
 #: Boost of an item in the user's top category at full buying intent.
 CATEGORY_WEIGHT = 1.0

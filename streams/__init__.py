@@ -1,11 +1,44 @@
-"""ProfileStream's stream processor: the faust worker and everything around it.
+"""ProfileStream's stream processor: events in, per-user LSTM state, profiles out.
 
-Data flows one way, one module per step::
+Reading map (data flows one way; start at ``pipeline/processor.py``)::
 
-    records.py  -> validate.py -> batching.py -> state_store.py (lookup)
-    -> admission.py -> models.ProfileModel.advance -> state_store.py (write)
-    -> publish.py
+    clients/     what producers and rankers import (no torch, no faust)
+                   producer.EventProducer -> events topic -> ... -> profiles topic -> subscriber.ProfileSubscriber
+    pipeline/    the hot path, no Kafka client:
+                   source_record -> validate -> grouping -> admission -> models.ProfileModel.advance
+                   -> profile_message; control (forget requests); processor strings them together
+    state/       state at rest: codec (the stored record), store (RocksDB), changelog (its topic)
+    kafka/       Kafka plumbing: client_config, topics, end/group offsets, delivery guard,
+                   record_batches, publisher, fetcher (faust's consumer, batched), faust_internals
+    service/     the running worker: app (faust wiring), worker, web, lookup, monitor, metrics, ttl
+    ops/         lifecycle commands: backfill, snapshot/restore, forget
+    dev/         developer tools: embedded broker, traffic, demo, produce, bench
+    settings.py  every setting, from PROFILESTREAM_* / KAFKA_* env vars
+    cli.py       the ``profilestream`` command
 
-``processor.py`` runs those steps for one micro-batch; ``app.py`` wires them
-into faust; ``worker.py``/``demo.py``/``cli.py`` start it.
+Words with one meaning each: a *record* is a Kafka record (``SourceRecord`` in,
+record batches out) except ``StateRecord``, the stored per-user value; a
+*batch* is the micro-batch the processor applies, a *record batch* is what the
+Kafka client sends, a user's slice of a batch is a ``UserBatch``; *state* is a
+user's model state (``models.UserState``) and its stored form
+(``state/``); *metrics* are Prometheus series (``service/metrics.py``).
+
+The names below are the public API; each is imported on first use, so
+``import streams`` stays light.
 """
+
+from __future__ import annotations
+
+from .lazy_exports import lazy_exports
+
+_MODULES = {
+    ".settings": ["Settings"],
+    ".clients.producer": ["EventProducer", "DeliveryError"],
+    ".clients.subscriber": ["ProfileSubscriber"],
+    ".pipeline.validate": ["check_message"],
+    ".pipeline.processor": ["BatchProcessor", "BatchReport"],
+    ".service.app": ["ProfileStreamApp", "build_app"],
+    ".service.worker": ["run_worker"],
+}
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _MODULES)

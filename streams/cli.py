@@ -12,12 +12,12 @@ from pathlib import Path
 from models.cli import add_commands as add_model_commands
 from models.loaders import FORMATS
 
-from .backfill import add_backfill_command
-from .bench import add_bench_command
-from .forget import add_forget_command
-from .produce_cli import add_produce_command
+from .ops.backfill import add_backfill_command
+from .dev.bench import add_bench_command
+from .ops.forget import add_forget_command
+from .dev.produce import add_produce_command
 from .settings import Settings
-from .snapshot import add_snapshot_commands
+from .ops.snapshot import add_snapshot_commands
 
 
 def _setup_logging(level: str) -> None:
@@ -26,13 +26,13 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker import run_worker
+    from .service.worker import run_worker
     run_worker(Settings.from_env(**({"on_model_mismatch": "reset"} if args.reset_state else {})))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
+    from .dev.demo import DemoOptions, run_demo
     run_demo(DemoOptions(rate=args.rate, users=args.users, duration_s=args.duration,
                          summary_every_s=args.summary_every, data=args.data, data_format=args.format,
                          dump_profiles=args.dump_profiles))
@@ -40,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from .broker import EmbeddedBroker
+    from .dev.embedded_broker import EmbeddedBroker
     log = logging.getLogger("profilestream.broker")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from models import ProfileModel, default_checkpoint_path
-from streams.broker import EmbeddedBroker
+from streams.dev.embedded_broker import EmbeddedBroker
 
 from .harness import Deployment
 

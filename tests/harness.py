@@ -31,12 +31,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import ProfileModel
 from models.events import EVENT_TYPES, Event
-from streams.broker import free_port
-from streams.demo import DemoOptions, encode_event, produce_events
-from streams.end_offsets import EndOffsetProbe
+from streams.dev.embedded_broker import free_port
+from streams.dev.demo import DemoOptions, encode_event, produce_events
+from streams.kafka.end_offsets import EndOffsetProbe
 from streams.settings import Settings
-from streams.topics import assign_whole_topic, caught_up, ensure_topics
-from streams.traffic import SyntheticTraffic
+from streams.kafka.topics import assign_whole_topic, caught_up, ensure_topics
+from streams.dev.traffic import SyntheticTraffic
 
 REPO = Path(__file__).resolve().parent.parent
 #: Event time of the synthetic test traffic (2025-10-09).
@@ -362,7 +362,7 @@ def metric_sum(exposition: str, name: str, **labels: str) -> float:
 
 
 class DemoTraffic:
-    """The demo's endless synthetic traffic (:func:`streams.demo.produce_events`), paced at
+    """The demo's endless synthetic traffic (:func:`streams.dev.demo.produce_events`), paced at
     ``rate`` events/s into the deployment's events topic from a background thread."""
 
     def __init__(self, deployment: Deployment, rate: float = 300.0, users: int = 500) -> None:

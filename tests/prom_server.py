@@ -1,7 +1,7 @@
 """A real Prometheus server for the tests: Debian's ``prometheus`` binary, a temporary
 config and TSDB, 1 s scrapes and rule evaluations, the repository's alert rules.
 
-Shared by the deploy tests that scrape a bare :class:`~streams.metrics.Metrics`
+Shared by the deploy tests that scrape a bare :class:`~streams.service.metrics.Metrics`
 exporter (crafted values, alerts going pending) and those that scrape a real
 worker fed with demo traffic.
 """
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from streams.broker import free_port
+from streams.dev.embedded_broker import free_port
 from tests.prom_queries import ALERTS
 
 #: Where the tests find it; they skip when it is missing (``apt-get install prometheus``).

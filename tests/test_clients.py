@@ -24,15 +24,15 @@ import numpy as np
 import pytest
 
 from models.events import Event, EventError
-from streams.broker import EmbeddedBroker
-from streams import produce_cli
-from streams.produce_cli import add_produce_command, cmd_produce, paced
-from streams.producer import DeliveryError, EventProducer
-from streams.publish import profile_message
+from streams.dev.embedded_broker import EmbeddedBroker
+from streams.dev import produce as produce_cli
+from streams.dev.produce import add_produce_command, cmd_produce, paced
+from streams.clients.producer import DeliveryError, EventProducer
+from streams.pipeline.profile_message import profile_message
 from streams.settings import Settings
-from streams.subscriber import ProfileSubscriber
-from streams.traffic import SyntheticTraffic
-from streams.validate import check_message
+from streams.clients.subscriber import ProfileSubscriber
+from streams.dev.traffic import SyntheticTraffic
+from streams.pipeline.validate import check_message
 
 from .harness import REPO, Deployment, WorkerProcess, exact_end_offsets, produce_raw, wait_for
 

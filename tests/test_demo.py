@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 
 from models.events import event_to_dict
-from streams.traffic import SyntheticTraffic
+from streams.dev.traffic import SyntheticTraffic
 
 from .harness import REPO
 

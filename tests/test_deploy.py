@@ -30,9 +30,9 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from models.events import event_to_dict
-from streams.metrics import Metrics
+from streams.service.metrics import Metrics
 from streams.settings import Settings
-from streams.traffic import SyntheticTraffic
+from streams.dev.traffic import SyntheticTraffic
 from tests.harness import DemoTraffic, Deployment, produce_raw
 from tests.prom_queries import (
     ALERTS,

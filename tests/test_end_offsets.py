@@ -8,9 +8,9 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from streams.bench import create_topic
-from streams.broker import EmbeddedBroker
-from streams.end_offsets import EndOffsetProbe
+from streams.dev.bench import create_topic
+from streams.dev.embedded_broker import EmbeddedBroker
+from streams.kafka.end_offsets import EndOffsetProbe
 
 from .harness import read_topic
 

@@ -19,7 +19,7 @@ import pytest
 
 from models import ProfileModel
 from models.events import Event
-from streams.broker import EmbeddedBroker
+from streams.dev.embedded_broker import EmbeddedBroker
 
 from .harness import (BackgroundProducer, Deployment, WorkerProcess, assert_matches_replay, count_errors,
                       expected_last, metric_sum, paced, settle, synthetic, wait_for)
@@ -124,7 +124,7 @@ def test_outputs_lost_in_a_broker_stall_stop_the_worker_before_it_commits(
     """The broker stalls longer than the producer retries while the worker works through a backlog:
     the client gives outputs up.  Committing past them could lose those users' newest state and
     profile, so the worker must stop itself without committing; the next one reads the events
-    again and writes them again (streams/delivery.py).
+    again and writes them again (streams/kafka/delivery.py).
 
     What can be run here is a stall: Tansu enforces neither message size nor ACLs, so a broker
     that refuses records outright cannot be.  After a stall Tansu still appends the request it

@@ -17,11 +17,11 @@ import pytest
 
 from models import ProfileModel
 from models.events import Event, EventError
-from streams.forget import CONTROL_HEADER, forget_headers, forget_target, is_control
-from streams.publish import headers_dict
-from streams.records import SourceRecord
-from streams.subscriber import ProfileSubscriber
-from streams.ttl import DAY_MS, idle_users
+from streams.pipeline.control import CONTROL_HEADER, forget_headers, forget_target, is_control
+from streams.kafka.publisher import headers_dict
+from streams.pipeline.source_record import SourceRecord
+from streams.clients.subscriber import ProfileSubscriber
+from streams.service.ttl import DAY_MS, idle_users
 
 from .harness import (REPO, Deployment, assert_matches_replay, expected_last, latest_profiles, metric_sum,
                       produce_raw, synthetic, wait_for, wait_for_counts)
@@ -47,11 +47,11 @@ def test_forget_request_is_recognised_by_its_header_and_checked() -> None:
 
 
 def test_idle_users_are_those_whose_last_event_is_older_than_the_cutoff(model: ProfileModel) -> None:
-    from streams import state_record
+    from streams.state import codec as state_codec
     now = int(time.time() * 1000)
     result = model.advance([None, None], [[Event("old", "view", "i", "c", now - 3 * DAY_MS, None, "e1")],
                                           [Event("new", "view", "i", "c", now - 1000, None, "e2")]])
-    entries = [(user.encode(), state_record.encode(state_record.StateRecord(
+    entries = [(user.encode(), state_codec.encode(state_codec.StateRecord(
         model.fingerprint, 0, (), model.encode_state(state)))) for user, state in zip(["old", "new"], result.states)]
     assert idle_users(entries, model, now - DAY_MS) == ["old"]
     assert idle_users(entries, model, now - 4 * DAY_MS) == []

@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from kafka import KafkaConsumer, KafkaProducer
 
-from streams.app import faust_config
-from streams.kafka_config import aiokafka_options, kafka_python_options
+from streams.service.app import faust_config
+from streams.kafka.client_config import aiokafka_options, kafka_python_options
 from streams.settings import Settings
 
 

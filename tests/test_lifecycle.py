@@ -19,10 +19,10 @@ import pytest
 from models import ProfileModel, default_checkpoint_path
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.events import Event, event_to_dict
-from streams import state_record
-from streams.broker import EmbeddedBroker
-from streams.changelog import partition_for
-from streams.snapshot import STATES, _read_states
+from streams.state import codec as state_codec
+from streams.dev.embedded_broker import EmbeddedBroker
+from streams.state.changelog import partition_for
+from streams.ops.snapshot import STATES, _read_states
 
 from .harness import (REPO, TOL, Deployment, assert_matches_replay, expected_last, latest_profiles,
                       metric_sum, stream_through, synthetic, wait_for, wait_for_counts)
@@ -53,8 +53,8 @@ def write_jsonl(path: Path, events: list[Event]) -> Path:
     return path
 
 
-def snapshot_states(path: Path) -> dict[bytes, state_record.StateRecord]:
-    return {key: state_record.decode(value) for _, key, value in _read_states(path / STATES)}
+def snapshot_states(path: Path) -> dict[bytes, state_codec.StateRecord]:
+    return {key: state_codec.decode(value) for _, key, value in _read_states(path / STATES)}
 
 
 def test_partition_for_matches_the_producers_partitioner(deployment: Deployment) -> None:

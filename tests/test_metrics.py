@@ -1,4 +1,4 @@
-"""streams.metrics: the real text exposition, parsed back with prometheus-client's own parser."""
+"""streams.service.metrics: the real text exposition, parsed back with prometheus-client's own parser."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.events import EVENT_TYPES
-from streams.metrics import LATENCY_BUCKETS, Metrics, observe_many
+from streams.service.metrics import LATENCY_BUCKETS, Metrics, observe_many
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -9,11 +9,11 @@ import jsonschema
 import pytest
 
 from models.events import Event, event_to_dict
-from streams import state_record
-from streams.admission import admit
-from streams.records import SourceRecord
-from streams.state_record import StateRecord, StateRecordError
-from streams.validate import MAX_VALUE_BYTES, Accepted, Rejection, decode_json, validate_record
+from streams.state import codec as state_codec
+from streams.pipeline.admission import admit
+from streams.pipeline.source_record import SourceRecord
+from streams.state.codec import StateRecord, StateRecordError
+from streams.pipeline.validate import MAX_VALUE_BYTES, Accepted, Rejection, decode_json, validate_record
 
 NOW = 1_760_000_000_000
 SCHEMAS = Path(__file__).resolve().parent.parent / "streams" / "schemas"
@@ -77,7 +77,7 @@ def accepted(offset: int, event_id: str, ts: int) -> Accepted:
 
 
 def test_admission_skips_redelivered_and_duplicates_and_rejects_very_late() -> None:
-    stored = StateRecord("fp", 10, (state_record.event_id_hash("seen"),), b"")
+    stored = StateRecord("fp", 10, (state_codec.event_id_hash("seen"),), b"")
     items = [accepted(9, "old", NOW), accepted(10, "old2", NOW), accepted(11, "seen", NOW),
              accepted(12, "new", NOW), accepted(13, "late", NOW - 2 * 3_600_000), accepted(14, "new2", NOW - 5)]
     out = admit(items, stored, last_timestamp_ms=NOW)
@@ -85,7 +85,7 @@ def test_admission_skips_redelivered_and_duplicates_and_rejects_very_late() -> N
     assert out.redelivered == 2 and out.duplicates == 1
     assert [r.reason for r in out.rejected] == ["out_of_order"]
     assert out.last_offset == 14
-    assert state_record.event_id_hash("new2") == out.recent_ids[-1]
+    assert state_codec.event_id_hash("new2") == out.recent_ids[-1]
 
 
 def test_admission_dedupes_within_one_batch() -> None:
@@ -95,11 +95,11 @@ def test_admission_dedupes_within_one_batch() -> None:
 
 def test_state_record_round_trip_and_corruption() -> None:
     rec_ = StateRecord("abcdef0123456789", 42, (1, 2**63 + 5), b"\x00model-bytes")
-    assert state_record.decode(state_record.encode(rec_)) == rec_
+    assert state_codec.decode(state_codec.encode(rec_)) == rec_
     with pytest.raises(StateRecordError):
-        state_record.decode(b"\x07garbage")
+        state_codec.decode(b"\x07garbage")
     with pytest.raises(StateRecordError):
-        state_record.decode(state_record.encode(rec_)[:5])
+        state_codec.decode(state_codec.encode(rec_)[:5])
 
 
 @pytest.mark.parametrize("payload", [

@@ -18,9 +18,9 @@ from aiokafka.structs import ConsumerRecord
 
 from models import ProfileModel
 from models.events import Event, event_from_dict
-from streams.broker import EmbeddedBroker
-from streams.demo import encode_event
-from streams.publish import headers_dict
+from streams.dev.embedded_broker import EmbeddedBroker
+from streams.dev.demo import encode_event
+from streams.kafka.publisher import headers_dict
 
 from .harness import (START_MS, Deployment, assert_matches_replay, exact_end_offsets, expected_last, metric_sum,
                       persisted_changelog_offsets, produce_raw, stream_through, synthetic, wait_for, wait_for_counts)

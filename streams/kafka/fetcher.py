@@ -1,0 +1,379 @@
+"""The hot path: hand each fetched batch of input records to the processor at once.
+
+faust delivers records one by one: per record its fetch loop awaits a
+``wait_first`` of two futures, the conductor routes it, a stream wraps it in
+an Event, and ``take_events`` buffers it again -- ~4.7k events/s on this
+2-core machine before any work is done, while a plain aiokafka consumer reads
+the same topic at >100k/s.  This consumer keeps faust's fetch loop, flow
+control (pause during rebalances, generation checks), gap tracking, acking and
+offset commits, and changes one thing: records of the *batch topics* are
+collected per fetch, as :class:`~streams.pipeline.source_record.SourceRecord` s built straight
+from the client's records (faust's per-record ``Message``, end-offset update and
+round-robin scheduling held the GIL ~5-8 % of the time in live traffic, py-spy), handed to
+``batch_handler`` as one list, then acked in one step
+(:meth:`BatchingConsumer._ack_batch`).
+Records of every other topic still take faust's normal route.
+
+The handler runs inside the fetch loop, in two parts.  Called with a batch,
+it prepares it (validation and grouping: nothing that reads state); the
+awaitable it returns applies it (state, model, publish).  While the worker is
+behind -- a fetch returned at least ``overlap_min_events`` records
+(PROFILESTREAM_OVERLAP_MIN_EVENTS) -- that awaitable runs as a task while the
+loop fetches and prepares the next batch, so one batch's model step (torch,
+in a thread of its own, which releases the GIL) overlaps the next batch's
+fetch and validation: +15 % events/s in the bench.  A smaller batch is
+awaited before the next fetch: a batch fetched early waits for the one in
+flight, which raised p50 at 5,000 events/s from ~35 to ~55 ms when every
+batch overlapped.  At most one batch is in flight and the
+next is applied only after it has been applied and acked, so batches apply in
+offset order, a batch is acked only once applied -- at-least-once exactly as
+with an agent -- and faust's rebalance code still waits for unacked records
+before revoking: the record that makes it wait is registered when the batch
+is fetched.
+
+Records of a batch topic are handed over strictly in offset order from the
+committed offset on: per partition, only the record at the next expected
+offset is processed.  Admission (streams/pipeline/admission.py) skips every event at or
+below a user's last applied offset as redelivered, so one batch that started
+*ahead* of unprocessed records would make them look applied for each user it
+touched, and they would be lost.  faust 0.15.3 + aiokafka 0.14 can do exactly
+that after a (re)start or rebalance: a fetch issued while only changelog
+partitions are active returns after recovery has paused those too; faust's
+active-partition set is shared with the fetch and is then empty, which aiokafka
+reads as "every partition", so it hands over (and moves past) the records it
+had prefetched for the paused event partitions, and faust's ``getmany`` drops
+them; the partitions are resumed before ``perform_seek`` rewinds them to the
+committed offset, so the next batch started past them.  Hence: nothing is
+processed for a partition until ``perform_seek`` has positioned it for the
+current assignment (recorded the offset processing resumes at, then sought
+the consumer there), a jump past the expected offset rewinds the partition to
+it, and fetches get a snapshot of the active partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set
+
+import aiokafka
+import faust
+
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+from faust.types.tuples import ack_lock
+from mode import ServiceT
+from mode.utils.futures import notify
+
+from .delivery import DeliveryGuard
+from .end_offsets import EndOffsetProbe
+from ..pipeline.source_record import SourceRecord
+
+log = logging.getLogger(__name__)
+
+#: Called with a batch; what it does before returning may run while the previous batch
+#: is still being finished; the awaitable it returns finishes this one.
+BatchHandler = Callable[[Sequence[SourceRecord]], Awaitable[None]]
+
+
+class FetchWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's consumer thread with a configurable ``fetch_max_wait_ms``.
+
+    faust 0.15.3 hard-codes 1500 ms.  Apache Kafka answers a fetch as soon as
+    one byte is there, so the value only bounds idle long-polls; the embedded
+    broker (Tansu 0.6.0) holds every fetch for a share of it even when records
+    are waiting: measured with a plain aiokafka consumer at 200 events/s,
+    delivery p50/p99 was 410/750 ms at 1500 ms, 26/53 ms at 100 ms, 4/8 ms at 10 ms.
+    """
+
+    fetch_max_wait_ms: int = 1500
+
+    def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # aiokafka reads this when start() builds its fetcher, i.e. after this returns.
+        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        return consumer
+
+
+class FetchWaitConsumer(faust_aiokafka.Consumer):
+    """faust's aiokafka consumer on a :class:`FetchWaitConsumerThread`."""
+
+    thread_class: type[FetchWaitConsumerThread] = FetchWaitConsumerThread
+
+    def _new_consumer_thread(self) -> FetchWaitConsumerThread:
+        return self.thread_class(self, loop=self.loop, beacon=self.beacon)
+
+
+class BatchingConsumer(FetchWaitConsumer):
+    """faust's aiokafka consumer with batch delivery for selected topics."""
+
+    #: Set by :func:`install` before the worker starts.
+    batch_topics: frozenset[str] = frozenset()
+    batch_handler: BatchHandler | None = None
+    #: A batch of at least this many records means the worker is behind (see the module docstring).
+    overlap_min_events: int = 1
+    #: Set by :func:`install`: no offsets are committed once an output was not delivered.
+    delivery_guard: DeliveryGuard | None = None
+    #: Embedded broker only: corrects its end offsets (streams/kafka/end_offsets.py), which
+    #: faust's changelog recovery and the lag monitor read through :meth:`highwaters`.
+    end_offset_probe: EndOffsetProbe | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Batch-topic partition -> offset of the next record it may process; absent
+        #: until perform_seek() has positioned the partition for the current assignment.
+        self._next_offset: dict[TP, int] = {}
+        #: Partition -> offset it was last rewound to (tells a real gap from a skip).
+        self._rewound_to: dict[TP, int] = {}
+
+    async def _getmany(self, active_partitions: Optional[Set[TP]], timeout: float) -> Any:
+        # faust passes its live set of active partitions, which pause/resume
+        # mutate while the fetch waits; emptied, aiokafka returns every partition.
+        snapshot = None if active_partitions is None else set(active_partitions)
+        return await super()._getmany(snapshot, timeout)
+
+    async def highwaters(self, *partitions: TP) -> Any:
+        reported = await super().highwaters(*partitions)
+        if self.end_offset_probe is None:
+            return reported
+        return await self.end_offset_probe.exact(reported)
+
+    async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        """faust's commit, refused once an output was not delivered (streams/kafka/delivery.py).
+
+        Every commit (periodic, on rebalance, on shutdown) comes here.  The
+        outputs of the batches being committed were handed to the client
+        before they were acked; the guard waits until each has been delivered
+        or has failed before it decides (faust's own flush follows, for anything else).
+        """
+        guard = self.delivery_guard
+        if guard is not None:
+            if not await guard.commit_allowed():
+                log.error("not committing offsets %s: an output was not delivered, so the events "
+                          "are read again after the restart", dict(offsets))
+                return False
+        return await super()._commit_offsets(offsets, start_new_transaction)
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if self.end_offset_probe is not None:
+            await self.end_offset_probe.close()
+
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        for tp in revoked:
+            self._next_offset.pop(tp, None)
+            self._rewound_to.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
+        # Nothing is processed in the new generation before perform_seek().
+        self._next_offset.clear()
+        self._rewound_to.clear()
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    async def perform_seek(self) -> None:
+        """faust's seek to the committed offsets; they are where batch processing resumes.
+
+        Ends by seeking each partition again, to the offset just recorded: the
+        fetch loop may have skipped records while this ran (its seek is made
+        in the consumer thread, and records fetched from the new position can
+        reach the loop before the offsets below are set), and aiokafka leaves
+        a partition with nothing committed where it was.  A skipped record is
+        otherwise noticed only when a later one arrives (a rewind); at the end
+        of a burst none does, and the partition waited forever (seen in the
+        rebalance fault test: 216 events unread after 120 s).
+        """
+        await super().perform_seek()
+        tps = [tp for tp in self.assignment() if tp.topic in self.batch_topics]
+        committed = {tp: self._committed_offset.get(tp) for tp in tps}
+        # Nothing committed (or 0): the consumer starts at the log start (auto_offset_reset=earliest).
+        unknown = [tp for tp, offset in committed.items() if not offset]
+        starts = await self.earliest_offsets(*unknown) if unknown else {}
+        for tp, offset in committed.items():
+            start = offset if offset else starts.get(tp)
+            self._next_offset[tp] = start if start is not None else 0
+            self._rewound_to.pop(tp, None)
+        if tps:
+            await self.seek_wait({tp: self._next_offset[tp] for tp in tps})
+
+    def _ack_batch(self, batch: Sequence[SourceRecord], pending: Message) -> None:
+        """faust's per-record ``ack`` bookkeeping for a whole batch, once per partition.
+
+        Per record it cost a lock, a weak-set discard and a sensor call (~5 % of
+        the worker); the offsets it records are what faust commits.  ``pending``
+        is the message that made rebalances and shutdown wait for the batch.
+        """
+        offsets: dict[tuple[str, int], list[int]] = {}
+        for record in batch:
+            offsets.setdefault((record.topic, record.partition), []).append(record.offset)
+        with ack_lock:
+            for (topic, partition), tp_offsets in offsets.items():
+                if self.app.topics.acks_enabled_for(topic):
+                    tp = TP(topic, partition)
+                    committed = self._committed_offset[tp]
+                    index = self._acked_index[tp]
+                    new = [o for o in tp_offsets if (committed is None or o >= committed) and o not in index]
+                    index.update(new)
+                    self._acked[tp].extend(new)
+                    self._n_acked += len(new)
+            self._unacked_messages.discard(pending)
+            notify(self._waiting_for_ack)
+
+    async def _finish_batch(self, finish: Awaitable[None], batch: Sequence[SourceRecord], pending: Message) -> None:
+        await finish
+        self._ack_batch(batch, pending)
+
+    async def _fetch(self, timeout: float) -> list[tuple[TP, list[Any]]]:
+        """faust's ``getmany`` with its per-record work done once per partition.
+
+        The same rules: nothing while the flow is suspended, only partitions
+        that are active, and the end offset the lag monitor reads, tracked from
+        the client's highwater.  One difference: faust's getmany also seeks
+        every partition back to its committed offset when the flow is found
+        suspended.  That is left to the seek faust's recovery ends every
+        rebalance with (:meth:`perform_seek`), which positions batch processing
+        too: the extra seek raced the rebalance under way -- it failed when the
+        assignment changed beneath it (seen in the fault tests), and its
+        offsets could land after that final seek -- and it kept the fetch loop
+        waiting on broker round trips while the flow was stopped.
+        """
+        records, active_partitions = await self._wait_next_records(timeout)
+        if records is None or self.should_stop or not self.flow_active:
+            return []
+        fetched = []
+        for tp, tp_records in records.items():
+            if active_partitions is None or tp in active_partitions or tp in self._buffered_partitions:
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                fetched.append((tp, tp_records))
+        return fetched
+
+    def _delivering(self, generation_id: int) -> bool:
+        """Whether records fetched in ``generation_id`` may still be handed on (faust's getmany rule)."""
+        return self.flow_active and self.app.consumer_generation_id == generation_id
+
+    async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - run by faust
+        # Mirrors faust.transport.consumer.Consumer._drain_messages (0.15.3),
+        # with the per-record delivery of batch topics replaced by one call.
+        handler = self.batch_handler
+        assert handler is not None, "install() sets the batch handler"
+        batch_topics = self.batch_topics
+        callback = self.callback
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set  # type: ignore[attr-defined]
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        commit_every = self._commit_every
+        next_offset = self._next_offset
+        rewound_to = self._rewound_to
+        inflight: asyncio.Future[None] | None = None
+        behind = self.overlap_min_events
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                batch: list[SourceRecord] = []
+                last: tuple[TP, Any] | None = None
+                rewind: dict[TP, int] = {}
+                await self.sleep(0)
+                if self.should_stop:
+                    break
+                fetched = await self._fetch(timeout=1.0)
+                generation_id = self.app.consumer_generation_id
+                for tp, records in fetched:
+                    if not self._delivering(generation_id):
+                        break  # a rebalance began: faust's getmany stops delivering here too
+                    topic = tp.topic
+                    if topic in batch_topics:
+                        for record in records:
+                            offset = record.offset
+                            expected = next_offset.get(tp)
+                            if expected is None or offset < expected or tp in rewind:
+                                continue  # not positioned yet (perform_seek will), already processed, or rewinding
+                            if offset > expected:
+                                if rewound_to.get(tp) != expected:
+                                    rewind[tp] = expected  # [expected, offset) were fetched but never handed to us
+                                    continue
+                                # Rewound there already and it still starts later: a real gap (e.g. transaction
+                                # markers).
+                                log.warning("%s: offsets %d-%d are missing from the topic; going on at %d",
+                                            tp, expected, offset - 1, offset)
+                                if acks_enabled_for(topic):
+                                    await self._add_gap(tp, expected, offset - 1)
+                                if not self._delivering(generation_id):
+                                    break
+                            next_offset[tp] = offset + 1
+                            batch.append(SourceRecord(topic, tp.partition, offset, record.timestamp, record.key,
+                                                      record.value, tuple(record.headers or ())))
+                            last = (tp, record)
+                            set_read_offset(tp, offset)
+                        continue
+                    for record in records:
+                        if not self._delivering(generation_id):
+                            break
+                        offset = record.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # already read in this generation
+                        if r_offset and offset - r_offset > 1 and acks_enabled_for(topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        await self.wait_first(callback(self._to_message(tp, record)), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                started: tuple[Awaitable[None], Message] | None = None
+                if last is not None:
+                    # One pending message makes faust's rebalance and shutdown wait for the
+                    # batch (``wait_empty``), as tracking each record would, at a fraction of the cost.
+                    pending = self._to_message(*last)
+                    self._unacked_messages.add(pending)
+                    started = (handler(batch), pending)  # its synchronous part overlaps the batch in flight
+                if inflight is not None:
+                    await inflight
+                    inflight = None
+                if started is not None:
+                    inflight = asyncio.ensure_future(self._finish_batch(started[0], batch, started[1]))
+                    if len(batch) < behind:
+                        await inflight  # a small batch: latency before throughput
+                        inflight = None
+                for tp, offset in rewind.items():
+                    if next_offset.get(tp) != offset:
+                        continue  # revoked or re-seeked meanwhile
+                    log.info("%s: rewinding to offset %d, records from there were skipped by the fetch", tp, offset)
+                    rewound_to[tp] = offset
+                    await self.seek_wait({tp: offset})
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+            if inflight is not None:
+                await inflight  # stopping between batches: the batch in flight is finished first
+                inflight = None
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        finally:
+            if inflight is not None and not inflight.done():
+                inflight.cancel()  # cancelled mid-fetch: as an awaited handler would have been
+
+
+def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_ms: int, **attrs: object) -> None:
+    """Point ``app``'s transport at a subclass of ``base`` with ``attrs`` and the fetch wait."""
+    thread_cls = type("AppConsumerThread", (FetchWaitConsumerThread,), {"fetch_max_wait_ms": fetch_max_wait_ms})
+    consumer_cls = type("AppConsumer", (base,), {"thread_class": thread_cls, **attrs})
+    transport_cls = type("AppTransport", (faust_aiokafka.Transport,), {"Consumer": consumer_cls})
+    app.transport = transport_cls(app.conf.broker_consumer, app)
+
+
+def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int,
+            overlap_min_events: int, delivery_guard: DeliveryGuard,
+            end_offset_probe: EndOffsetProbe | None = None) -> None:
+    """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
+    _use_consumer(app, BatchingConsumer, fetch_max_wait_ms, batch_topics=frozenset(topics),
+                  batch_handler=staticmethod(handler), overlap_min_events=overlap_min_events,
+                  delivery_guard=delivery_guard, end_offset_probe=end_offset_probe)
+
+
+def install_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
+    """Only the fetch wait, for faust's own per-event delivery (the bench's naive agent)."""
+    _use_consumer(app, FetchWaitConsumer, fetch_max_wait_ms)

@@ -1,0 +1,18 @@
+"""Per-user state at rest: the stored record's binary codec, the RocksDB store, its changelog topic.
+
+``codec`` is pure Python (the pipeline, snapshot and backfill share it); ``store``
+is the faust table's RocksDB partitions; ``changelog`` reads and writes the
+compacted topic that backs them up.
+"""
+
+from __future__ import annotations
+
+from ..lazy_exports import lazy_exports
+
+_MODULES = {
+    ".codec": ["StateRecord", "StateRecordError", "encode", "decode", "event_id_hash"],
+    ".store": ["TableStateStore"],
+    ".changelog": ["ChangelogRecord", "ensure_changelog", "newest_values", "partition_for", "read_latest"],
+}
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _MODULES)

@@ -1,0 +1,132 @@
+"""Read and write the state table's changelog topic from outside a worker.
+
+The changelog (``<app id>-user-state-changelog``) is the source of truth a
+worker's RocksDB is rebuilt from: on start or rebalance faust replays each
+assigned changelog partition into the matching RocksDB partition, the last
+record per key winning.  So offline tools (backfill, snapshot, restore) never
+touch a worker's disk; they append records here and let recovery load them.
+
+Partitioning: a user's state must sit in the changelog partition with the same
+number as the events-topic partition holding the user's events, because the
+worker stores state under the *source* partition (streams/state/store.py) and
+faust assigns events partition p together with changelog partition p.  Event
+producers use the Kafka default partitioner (murmur2 of the key, as the Java
+client and aiokafka/kafka-python do), so :func:`partition_for` does the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
+
+from ..kafka.end_offsets import end_offsets
+from ..kafka.client_config import aiokafka_options
+from ..settings import Settings
+from ..kafka.topics import assign_whole_topic, caught_up
+
+log = logging.getLogger(__name__)
+
+#: (partition, key, value); value None is a tombstone.
+ChangelogRecord = tuple[int, bytes, bytes | None]
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition the Kafka default partitioner gives ``key`` (murmur2, positive, modulo)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+async def ensure_changelog(settings: Settings) -> None:
+    """Create the changelog as faust would (compacted, one partition per table partition) if missing."""
+    admin = AIOKafkaAdminClient(**aiokafka_options(settings))
+    await admin.start()
+    try:
+        if settings.changelog_topic in set(await admin.list_topics()):
+            return
+        try:
+            await admin.create_topics([NewTopic(settings.changelog_topic, settings.partitions, 1,
+                                                topic_configs={"cleanup.policy": "compact"})])
+        except TopicAlreadyExistsError:
+            pass
+        log.info("created topic %s", settings.changelog_topic)
+    finally:
+        await admin.close()
+
+
+async def send_records(settings: Settings, topic: str, records: Iterable[ChangelogRecord]) -> int:
+    """Send records to explicit partitions, in order, and wait until all are acknowledged."""
+    producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key, partition=partition)
+                   for partition, key, value in records]
+        for future in futures:
+            await future
+    finally:
+        await producer.stop()
+    return len(futures)
+
+
+async def read_latest(settings: Settings, timeout_s: float = 120.0) -> dict[bytes, tuple[int, bytes]]:
+    """key -> (partition, value) of the newest record per key, up to the end offsets seen at the start.
+
+    Tombstoned keys are absent.  Returns {} when the changelog does not exist yet.
+    """
+    consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        if not consumer.partitions_for_topic(settings.changelog_topic):
+            return {}
+        tps = await assign_whole_topic(consumer, settings.changelog_topic)
+        ends = await end_offsets(consumer, tps, settings)
+        latest: dict[bytes, tuple[int, bytes | None]] = {}
+        deadline = time.monotonic() + timeout_s
+        while not await caught_up(consumer, ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {settings.changelog_topic} to its end in {timeout_s}s")
+            for tp, batch in (await consumer.getmany(*tps, timeout_ms=500)).items():
+                for rec in batch:
+                    if rec.offset < ends[tp]:
+                        latest[rec.key] = (tp.partition, rec.value)
+        return {k: (p, v) for k, (p, v) in latest.items() if v is not None}
+    finally:
+        await consumer.stop()
+
+
+async def newest_values(settings: Settings, tail: int = 16) -> list[bytes]:
+    """The newest non-tombstone value of each changelog partition (at most one per partition).
+
+    A cheap probe of which model wrote the stored state: reads only the last
+    ``tail`` records of each partition.
+    """
+    consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = consumer.partitions_for_topic(settings.changelog_topic)
+        if not partitions:
+            return []
+        tps = [TopicPartition(settings.changelog_topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        starts = await consumer.beginning_offsets(tps)
+        ends = await end_offsets(consumer, tps, settings)
+        newest: dict[TopicPartition, bytes] = {}
+        pending = {tp for tp in tps if ends[tp] > starts[tp]}
+        for tp in pending:
+            consumer.seek(tp, max(starts[tp], ends[tp] - tail))
+        deadline = time.monotonic() + 30
+        while pending and time.monotonic() < deadline:
+            for tp, batch in (await consumer.getmany(*pending, timeout_ms=500)).items():
+                for rec in batch:
+                    if rec.offset < ends[tp] and rec.value is not None:
+                        newest[tp] = rec.value
+            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+        return list(newest.values())
+    finally:
+        await consumer.stop()
