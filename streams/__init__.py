@@ -9,7 +9,8 @@ Reading map (data flows one way; start at ``pipeline/processor.py``)::
                    -> profile_message; control (forget requests); processor strings them together
     state/       state at rest: codec (the stored record), store (RocksDB), changelog (its topic)
     kafka/       Kafka plumbing: client_config, topics, end/group offsets, delivery guard,
-                   record_batches, publisher, fetcher (faust's consumer, batched), faust_internals
+                   record_batches, publisher, fetcher (faust's consumer, batched)
+    internals.py every private faust / aiokafka / mode / prometheus-client name we use, and only there
     service/     the running worker: app (faust wiring), worker, web, lookup, monitor, metrics, ttl
     ops/         lifecycle commands: backfill, snapshot/restore, forget
     dev/         developer tools: embedded broker, traffic, demo, produce, bench

@@ -355,9 +355,10 @@ class _Recorder:
 
 def count_users(store: Any) -> int:
     """Users held in the worker's RocksDB state (exact: RocksDB's own estimate counts overwrites)."""
+    from ..internals import open_partitions, partition_db
     total = 0
-    for partition in list(store.table.data._dbs):
-        total += sum(1 for _ in store._db(partition).keys())
+    for partition in open_partitions(store.table):
+        total += sum(1 for _ in partition_db(store.table, partition).keys())
     return total
 
 

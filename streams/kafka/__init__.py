@@ -1,6 +1,6 @@
 """Kafka plumbing: client options, topics, offsets, delivery watching, record batches, the fetch loop.
 
-Every private faust / aiokafka / mode name the project uses is in ``faust_internals``.
+Every private faust / aiokafka / mode name the project uses is in streams/internals.py.
 """
 
 from __future__ import annotations

@@ -56,18 +56,15 @@ import asyncio
 import logging
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set
 
-import aiokafka
 import faust
-
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
-from faust.types.tuples import ack_lock
 from mode import ServiceT
-from mode.utils.futures import notify
 
+from ..internals import ConsumerHooks, FetchWaitConsumer, FetchWaitConsumerThread, stop_requested
+from ..pipeline.source_record import SourceRecord
 from .delivery import DeliveryGuard
 from .end_offsets import EndOffsetProbe
-from ..pipeline.source_record import SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,35 +73,7 @@ log = logging.getLogger(__name__)
 BatchHandler = Callable[[Sequence[SourceRecord]], Awaitable[None]]
 
 
-class FetchWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """faust's consumer thread with a configurable ``fetch_max_wait_ms``.
-
-    faust 0.15.3 hard-codes 1500 ms.  Apache Kafka answers a fetch as soon as
-    one byte is there, so the value only bounds idle long-polls; the embedded
-    broker (Tansu 0.6.0) holds every fetch for a share of it even when records
-    are waiting: measured with a plain aiokafka consumer at 200 events/s,
-    delivery p50/p99 was 410/750 ms at 1500 ms, 26/53 ms at 100 ms, 4/8 ms at 10 ms.
-    """
-
-    fetch_max_wait_ms: int = 1500
-
-    def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> aiokafka.AIOKafkaConsumer:
-        consumer = super()._create_worker_consumer(transport)
-        # aiokafka reads this when start() builds its fetcher, i.e. after this returns.
-        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
-        return consumer
-
-
-class FetchWaitConsumer(faust_aiokafka.Consumer):
-    """faust's aiokafka consumer on a :class:`FetchWaitConsumerThread`."""
-
-    thread_class: type[FetchWaitConsumerThread] = FetchWaitConsumerThread
-
-    def _new_consumer_thread(self) -> FetchWaitConsumerThread:
-        return self.thread_class(self, loop=self.loop, beacon=self.beacon)
-
-
-class BatchingConsumer(FetchWaitConsumer):
+class BatchingConsumer(ConsumerHooks):
     """faust's aiokafka consumer with batch delivery for selected topics."""
 
     #: Set by :func:`install` before the worker starts.
@@ -126,11 +95,11 @@ class BatchingConsumer(FetchWaitConsumer):
         #: Partition -> offset it was last rewound to (tells a real gap from a skip).
         self._rewound_to: dict[TP, int] = {}
 
-    async def _getmany(self, active_partitions: Optional[Set[TP]], timeout: float) -> Any:
+    async def fetch_partitions(self, active_partitions: Optional[Set[TP]], timeout: float) -> Any:
         # faust passes its live set of active partitions, which pause/resume
         # mutate while the fetch waits; emptied, aiokafka returns every partition.
         snapshot = None if active_partitions is None else set(active_partitions)
-        return await super()._getmany(snapshot, timeout)
+        return await super().fetch_partitions(snapshot, timeout)
 
     async def highwaters(self, *partitions: TP) -> Any:
         reported = await super().highwaters(*partitions)
@@ -138,7 +107,7 @@ class BatchingConsumer(FetchWaitConsumer):
             return reported
         return await self.end_offset_probe.exact(reported)
 
-    async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+    async def commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
         """faust's commit, refused once an output was not delivered (streams/kafka/delivery.py).
 
         Every commit (periodic, on rebalance, on shutdown) comes here.  The
@@ -152,7 +121,7 @@ class BatchingConsumer(FetchWaitConsumer):
                 log.error("not committing offsets %s: an output was not delivered, so the events "
                           "are read again after the restart", dict(offsets))
                 return False
-        return await super()._commit_offsets(offsets, start_new_transaction)
+        return await super().commit_offsets(offsets, start_new_transaction)
 
     async def on_stop(self) -> None:
         await super().on_stop()
@@ -185,7 +154,7 @@ class BatchingConsumer(FetchWaitConsumer):
         """
         await super().perform_seek()
         tps = [tp for tp in self.assignment() if tp.topic in self.batch_topics]
-        committed = {tp: self._committed_offset.get(tp) for tp in tps}
+        committed = {tp: self.committed_offsets.get(tp) for tp in tps}
         # Nothing committed (or 0): the consumer starts at the log start (auto_offset_reset=earliest).
         unknown = [tp for tp, offset in committed.items() if not offset]
         starts = await self.earliest_offsets(*unknown) if unknown else {}
@@ -199,25 +168,15 @@ class BatchingConsumer(FetchWaitConsumer):
     def _ack_batch(self, batch: Sequence[SourceRecord], pending: Message) -> None:
         """faust's per-record ``ack`` bookkeeping for a whole batch, once per partition.
 
-        Per record it cost a lock, a weak-set discard and a sensor call (~5 % of
-        the worker); the offsets it records are what faust commits.  ``pending``
-        is the message that made rebalances and shutdown wait for the batch.
+        Per record it cost a lock, a weak-set discard and a sensor call; the
+        offsets it records are what faust commits.  ``pending`` is the message
+        that made rebalances and shutdown wait for the batch.
         """
-        offsets: dict[tuple[str, int], list[int]] = {}
+        offsets: dict[TP, list[int]] = {}
         for record in batch:
-            offsets.setdefault((record.topic, record.partition), []).append(record.offset)
-        with ack_lock:
-            for (topic, partition), tp_offsets in offsets.items():
-                if self.app.topics.acks_enabled_for(topic):
-                    tp = TP(topic, partition)
-                    committed = self._committed_offset[tp]
-                    index = self._acked_index[tp]
-                    new = [o for o in tp_offsets if (committed is None or o >= committed) and o not in index]
-                    index.update(new)
-                    self._acked[tp].extend(new)
-                    self._n_acked += len(new)
-            self._unacked_messages.discard(pending)
-            notify(self._waiting_for_ack)
+            if self.app.topics.acks_enabled_for(record.topic):
+                offsets.setdefault(TP(record.topic, record.partition), []).append(record.offset)
+        self.ack_offsets(offsets, pending)
 
     async def _finish_batch(self, finish: Awaitable[None], batch: Sequence[SourceRecord], pending: Message) -> None:
         await finish
@@ -237,12 +196,12 @@ class BatchingConsumer(FetchWaitConsumer):
         offsets could land after that final seek -- and it kept the fetch loop
         waiting on broker round trips while the flow was stopped.
         """
-        records, active_partitions = await self._wait_next_records(timeout)
+        records, active_partitions = await self.wait_next_records(timeout)
         if records is None or self.should_stop or not self.flow_active:
             return []
         fetched = []
         for tp, tp_records in records.items():
-            if active_partitions is None or tp in active_partitions or tp in self._buffered_partitions:
+            if active_partitions is None or tp in active_partitions or self.is_buffered(tp):
                 self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
                 fetched.append((tp, tp_records))
         return fetched
@@ -251,19 +210,19 @@ class BatchingConsumer(FetchWaitConsumer):
         """Whether records fetched in ``generation_id`` may still be handed on (faust's getmany rule)."""
         return self.flow_active and self.app.consumer_generation_id == generation_id
 
-    async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - run by faust
+    async def drain_records(self, fetcher: ServiceT) -> None:  # pragma: no cover - run by faust
         # Mirrors faust.transport.consumer.Consumer._drain_messages (0.15.3),
         # with the per-record delivery of batch topics replaced by one call.
         handler = self.batch_handler
         assert handler is not None, "install() sets the batch handler"
         batch_topics = self.batch_topics
         callback = self.callback
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set  # type: ignore[attr-defined]
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
+        consumer_should_stop = stop_requested(self)
+        fetcher_should_stop = stop_requested(fetcher)
+        get_read_offset = self.read_offsets.__getitem__
+        set_read_offset = self.read_offsets.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
-        commit_every = self._commit_every
+        commit_every = self.commit_every
         next_offset = self._next_offset
         rewound_to = self._rewound_to
         inflight: asyncio.Future[None] | None = None
@@ -297,7 +256,7 @@ class BatchingConsumer(FetchWaitConsumer):
                                 log.warning("%s: offsets %d-%d are missing from the topic; going on at %d",
                                             tp, expected, offset - 1, offset)
                                 if acks_enabled_for(topic):
-                                    await self._add_gap(tp, expected, offset - 1)
+                                    await self.add_gap(tp, expected, offset - 1)
                                 if not self._delivering(generation_id):
                                     break
                             next_offset[tp] = offset + 1
@@ -314,15 +273,15 @@ class BatchingConsumer(FetchWaitConsumer):
                         if r_offset is not None and offset < r_offset:
                             continue  # already read in this generation
                         if r_offset and offset - r_offset > 1 and acks_enabled_for(topic):
-                            await self._add_gap(tp, r_offset + 1, offset)
-                        await self.wait_first(callback(self._to_message(tp, record)), self.suspend_flow.wait())
+                            await self.add_gap(tp, r_offset + 1, offset)
+                        await self.wait_first(callback(self.to_message(tp, record)), self.suspend_flow.wait())
                         set_read_offset(tp, offset)
                 started: tuple[Awaitable[None], Message] | None = None
                 if last is not None:
                     # One pending message makes faust's rebalance and shutdown wait for the
                     # batch (``wait_empty``), as tracking each record would, at a fraction of the cost.
-                    pending = self._to_message(*last)
-                    self._unacked_messages.add(pending)
+                    pending = self.to_message(*last)
+                    self.track_unacked(pending)
                     started = (handler(batch), pending)  # its synchronous part overlaps the batch in flight
                 if inflight is not None:
                     await inflight
@@ -338,8 +297,8 @@ class BatchingConsumer(FetchWaitConsumer):
                     log.info("%s: rewinding to offset %d, records from there were skipped by the fetch", tp, offset)
                     rewound_to[tp] = offset
                     await self.seek_wait({tp: offset})
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
+                if commit_every is not None and self.acked_count >= commit_every:
+                    self.acked_count = 0
                     await self.commit()
             if inflight is not None:
                 await inflight  # stopping between batches: the batch in flight is finished first

@@ -22,6 +22,8 @@ from typing import Iterable, Optional, Sequence
 import aiokafka
 import faust
 
+from ..internals import producer_client
+
 Record = tuple[Optional[bytes], Optional[bytes]]
 
 
@@ -37,7 +39,7 @@ class SentBatch:
 
 def client(producer: faust.types.ProducerT) -> aiokafka.AIOKafkaProducer:
     """The aiokafka producer inside faust's (faust has no public accessor for it)."""
-    return producer._ensure_producer()  # type: ignore[attr-defined]
+    return producer_client(producer)
 
 
 async def send_records(kafka: aiokafka.AIOKafkaProducer, topic: str, partition: int,

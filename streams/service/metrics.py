@@ -32,6 +32,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 from models.events import EVENT_TYPES
 
+from ..internals import histogram_add, histogram_bounds
+
 #: Reason codes of the validation and admission steps, created at zero so that
 #: ``rate()`` sees the very first dead-lettered record (a counter series that
 #: appears already at 1 has no earlier sample to rate against).  Other codes
@@ -66,18 +68,15 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     """Add many observations to an unlabelled histogram at once.
 
     ``Histogram.observe`` is a Python loop over the bucket bounds plus two
-    locked increments per value: 2.3 ms for a 2,000-event batch, against
-    about 40 us here (np.searchsorted + np.bincount, then one locked increment
-    per non-empty bucket) -- 50-60x, measured with prometheus-client 0.26 on
-    this project's 2-core machine; 15x at 200 values, a tie at 10.  The internals used
-    (``_upper_bounds``, ``_buckets`` as per-bucket, non-cumulative counts,
-    ``_sum``) are those of the pinned prometheus-client; tests/test_metrics.py
-    checks the exposition equals that of ``observe()`` one value at a time, so
-    an upgrade that changes them fails there, not in production.
+    locked increments per value; here one np.searchsorted + np.bincount and
+    one locked increment per non-empty bucket (docs/performance.md).  The
+    histogram's private fields are reached through streams/internals.py;
+    tests/unit/test_metrics.py checks the exposition equals that of
+    ``observe()`` one value at a time.
 
     Negative values (producer clock ahead of the worker's) are clamped to 0:
-    a negative sum would break the counter semantics of ``_sum``.  NaNs are
-    dropped: they fit no bucket and would poison the sum.
+    a negative sum would break the counter semantics of the histogram's sum.
+    NaNs are dropped: they fit no bucket and would poison the sum.
     """
     values = np.asarray(values, dtype=np.float64)
     clamped = np.clip(values[~np.isnan(values)], 0.0, None)
@@ -85,12 +84,9 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
         return
     # side="left": bucket i holds bounds[i-1] < v <= bounds[i], as observe() does; the
     # last bound is +Inf, so every finite value lands in a bucket.
-    index = np.searchsorted(np.asarray(histogram._upper_bounds), clamped, side="left")
-    counts = np.bincount(index, minlength=len(histogram._upper_bounds))
-    for bucket, n in zip(histogram._buckets, counts.tolist(), strict=True):
-        if n:
-            bucket.inc(n)
-    histogram._sum.inc(float(clamped.sum()))
+    bounds = histogram_bounds(histogram)
+    index = np.searchsorted(np.asarray(bounds), clamped, side="left")
+    histogram_add(histogram, np.bincount(index, minlength=len(bounds)).tolist(), float(clamped.sum()))
 
 
 class Metrics:

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import faust
 import rocksdict
 
+from ..internals import open_partitions, partition_db
 from ..kafka.delivery import DeliveryGuard
 from ..kafka.record_batches import SentBatch, client, send_records
 
@@ -39,9 +40,8 @@ class TableStateStore:
         self._recorded: dict[int, int] = {}
 
     def _db(self, partition: int) -> rocksdict.Rdict:
-        # The store opens one RocksDB per table partition; there is no public
-        # accessor, and this is the one place in the code base that reaches in.
-        return self.table.data._db_for_partition(partition)
+        # The store opens one RocksDB per table partition; faust has no public accessor.
+        return partition_db(self.table, partition)
 
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values for ``keys`` (None where absent), in order, in one multi-get."""
@@ -90,7 +90,7 @@ class TableStateStore:
             return  # the guard reports it; the recovery offset stays at the last acknowledged record
         last = delivery.result().offset + sent.count - 1  # the batch's first offset, then one per record
         partition = sent.partition
-        if partition in self.table.data._dbs and last > self._recorded.get(partition, -1):
+        if partition in open_partitions(self.table) and last > self._recorded.get(partition, -1):
             self._db(partition).put(self.table.data.offset_key, str(last).encode())
             self._recorded[partition] = last
 
@@ -102,7 +102,7 @@ class TableStateStore:
 
     def find(self, key: bytes) -> tuple[int, bytes] | None:
         """(partition, value) of a key held by this worker, searching its partitions."""
-        for partition in sorted(self.table.data._dbs):
+        for partition in sorted(open_partitions(self.table)):
             value = self._db(partition).get(key)
             if value is not None:
                 return partition, value
@@ -111,6 +111,6 @@ class TableStateStore:
     def count(self) -> int:
         """Approximate number of users held locally (RocksDB's key estimate)."""
         total = 0
-        for partition in list(self.table.data._dbs):
+        for partition in open_partitions(self.table):
             total += int(self._db(partition).property_int_value("rocksdb.estimate-num-keys") or 0)
         return total
