@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python >= 3.11 with venv):
 #   make demo   - create .venv, install, run the demo on the embedded broker
 #   make test   - create .venv, install (+ promtool/prometheus when root), run the tests
+# Both install the worker, dev and test extras (the base package is the clients alone).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Real behaviour logs for the optional real-data tests (skipped when absent).

@@ -3,15 +3,15 @@
 Security settings (SSL, SASL PLAIN/SCRAM) are passed through unchanged to the
 three clients the project uses -- faust (the worker), aiokafka (admin, bench)
 and kafka-python (the producer and subscriber clients) -- so one set of env
-vars configures them all.
+vars configures them all.  No Kafka client is imported here: the producer and
+subscriber clients use this module without faust installed (faust's
+credentials are built in streams/service/app.py).
 """
 
 from __future__ import annotations
 
 import ssl
 from typing import Any
-
-import faust
 
 from ..settings import Settings
 
@@ -23,16 +23,6 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.ssl_certfile:
         ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
     return ctx
-
-
-def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
-    ctx = ssl_context(settings)
-    if settings.security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
-                                     mechanism=settings.sasl_mechanism, ssl_context=ctx)
-    if ctx is not None:
-        return faust.SSLCredentials(ctx)
-    return None
 
 
 def aiokafka_options(settings: Settings) -> dict[str, Any]:

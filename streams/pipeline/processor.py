@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -40,12 +40,14 @@ from ..state import codec as state_codec
 from .admission import DEFAULT_MAX_LATENESS_MS, Admission, admit
 from .grouping import UserBatch, group_by_user
 from .control import forget_target, is_control
-from ..service.metrics import Metrics
 from .model_guard import ModelMismatchError, mismatch_message
 from .profile_message import profile_message
 from .source_record import SourceRecord
 from ..state.codec import StateRecord
 from .validate import Rejection, validate_batch
+
+if TYPE_CHECKING:  # the worker's Prometheus metrics import faust's side (streams/internals.py)
+    from ..service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from models import ProfileModel
 from ..kafka.fetcher import install as install_batch_consumer
 from ..kafka.delivery import DeliveryGuard
 from ..kafka.end_offsets import EndOffsetProbe
-from ..kafka.client_config import aiokafka_options, faust_credentials
+from ..kafka.client_config import aiokafka_options, ssl_context
 from .lookup import register_lookup
 from .metrics import Metrics
 from .monitor import sample
@@ -62,6 +62,16 @@ class WorkerHealth:
     @property
     def alive(self) -> bool:
         return self.error is None
+
+
+def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    ctx = ssl_context(settings)
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
+                                     mechanism=settings.sasl_mechanism, ssl_context=ctx)
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
 
 
 def faust_config(settings: Settings) -> dict[str, object]:
