@@ -39,27 +39,20 @@ class Settings:
         "Partitions of the events topic and the state changelog (created if missing).")
     batch_max: int = _env_field(
         "PROFILESTREAM_BATCH_MAX", 10000,
-        "Most events in one micro-batch (one model call). Batches are what one fetch returns: "
-        "small when traffic is light (low latency), up to this size under load, where a bigger batch "
-        "coalesces more of a user's events into one state read, write and profile (bench, 2 cores: "
-        "2000 -> 8.4k, 5000 -> 9.6k, 10000 -> 10.5k events/s).")
+        "Most events in one micro-batch (one model call); under load a bigger batch coalesces more of a "
+        "user's events into one state read, write and profile.")
     overlap_min_events: int = _env_field(
         "PROFILESTREAM_OVERLAP_MIN_EVENTS", 500,
-        "A fetched batch of at least this many events means the worker is behind: the next batch is then "
-        "fetched and validated while this one's model step runs (+15 % events/s); smaller ones are applied "
-        "before the next fetch, for latency (bench, 2 cores, p99 at 10,000 events/s: 413-540 ms with no "
-        "overlap, 205 ms at 500; overlapping every batch raised p50 at 5,000 events/s from 31-38 to 48-61 ms).")
+        "A fetched batch of at least this many events means the worker is behind: the next batch is "
+        "prepared while this one's model step runs (throughput); smaller ones are applied first (latency).")
     producer_batch_bytes: int = _env_field(
         "PROFILESTREAM_PRODUCER_BATCH_BYTES", 1_000_000,
-        "Largest produce batch per partition (profiles, state changelog, dead letters). aiokafka keeps one "
-        "open batch per partition and makes a send wait while it is full, so Kafka's usual 16384 stalls "
-        "the worker every ~10 profiles. Keep it below the brokers' message.max.bytes (1 MiB by default).")
+        "Largest produce batch per partition; a full batch makes a send wait, so Kafka's usual 16384 "
+        "stalls the worker. Keep it below the brokers' message.max.bytes.")
     producer_request_timeout_s: float = _env_field(
         "PROFILESTREAM_PRODUCER_REQUEST_TIMEOUT_S", 120.0,
-        "How long the worker's producer retries a produce request (profiles, state changelog, dead "
-        "letters) before it gives the records up. A record given up stops the worker before its next "
-        "offset commit, so the events are read again after the restart (docs/reliability.md). faust's "
-        "default is 1200; 120 is the Java producer's delivery.timeout.ms.")
+        "How long the worker's producer retries a produce request before giving the records up, which "
+        "stops the worker before its next commit (docs/reliability.md); the Java producer's default.")
     fetch_max_wait_ms: int = _env_field(
         "PROFILESTREAM_FETCH_MAX_WAIT_MS", 500,
         "Longest a fetch waits for records (Kafka answers as soon as there are any, so this "
@@ -69,8 +62,7 @@ class Settings:
     torch_threads: int = _env_field(
         "PROFILESTREAM_TORCH_THREADS", 1,
         "Torch intra-op threads on the CPU; 0 = torch's default (one per core). One is faster: the "
-        "LSTM's per-step matrices are small and extra threads wait on each other while faust's "
-        "consumer thread and the Kafka client need the other cores (bench: 9.1k vs 8.6k events/s on 2 cores).")
+        "LSTM's matrices are small and the consumer thread and Kafka client need the other cores.")
     model_path: str = _env_field(
         "PROFILESTREAM_MODEL_PATH", "", "Model checkpoint (.pt); empty = the shipped default checkpoint.")
     on_model_mismatch: str = _env_field(

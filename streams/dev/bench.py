@@ -120,8 +120,8 @@ async def produce_at_rate(bootstrap: str, topic: str, messages: Sequence[tuple[b
     Each tick's records go out as one record batch per partition, as a
     website's producers with ``linger.ms`` >= 10 would send them.  The
     generator shares this machine's two cores with the broker and the worker
-    under test: one ``send`` per record cost it ~25 us a record and the broker
-    a produce request per record (see streams/kafka/record_batches.py).
+    under test: one ``send`` per record cost it CPU time per record and the
+    broker a produce request per record (see streams/kafka/record_batches.py).
     """
     from aiokafka import AIOKafkaProducer
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)

@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-max-bytes", type=int, default=52_428_800)
     p.add_argument("--max-partition-fetch-bytes", type=int, default=1_048_576)
     # "info", the service's default: at warning or above faust's start-up spinner sets the root
-    # logger to DEBUG for good, and every aiokafka debug record is then built (~9% of the CPU).
+    # logger to DEBUG for good, and every aiokafka debug record is then built (a visible CPU share).
     p.add_argument("--log-level", default="info")
     return p
 

@@ -2,14 +2,14 @@
 
 faust delivers records one by one: per record its fetch loop awaits a
 ``wait_first`` of two futures, the conductor routes it, a stream wraps it in
-an Event, and ``take_events`` buffers it again -- ~4.7k events/s on this
-2-core machine before any work is done, while a plain aiokafka consumer reads
-the same topic at >100k/s.  This consumer keeps faust's fetch loop, flow
+an Event, and ``take_events`` buffers it again: a fraction of what a plain
+aiokafka consumer reads before any work is done (docs/performance.md).  This
+consumer keeps faust's fetch loop, flow
 control (pause during rebalances, generation checks), gap tracking, acking and
 offset commits, and changes one thing: records of the *batch topics* are
 collected per fetch, as :class:`~streams.pipeline.source_record.SourceRecord` s built straight
-from the client's records (faust's per-record ``Message``, end-offset update and
-round-robin scheduling held the GIL ~5-8 % of the time in live traffic, py-spy), handed to
+from the client's records (skipping faust's per-record ``Message``, end-offset update and
+round-robin scheduling), handed to
 ``batch_handler`` as one list, then acked in one step
 (:meth:`BatchingConsumer._ack_batch`).
 Records of every other topic still take faust's normal route.
@@ -21,10 +21,9 @@ behind -- a fetch returned at least ``overlap_min_events`` records
 (PROFILESTREAM_OVERLAP_MIN_EVENTS) -- that awaitable runs as a task while the
 loop fetches and prepares the next batch, so one batch's model step (torch,
 in a thread of its own, which releases the GIL) overlaps the next batch's
-fetch and validation: +15 % events/s in the bench.  A smaller batch is
-awaited before the next fetch: a batch fetched early waits for the one in
-flight, which raised p50 at 5,000 events/s from ~35 to ~55 ms when every
-batch overlapped.  At most one batch is in flight and the
+fetch and validation.  A smaller batch is awaited before the next fetch: a
+batch fetched early waits for the one in flight, which raised the median
+latency when every batch overlapped.  At most one batch is in flight and the
 next is applied only after it has been applied and acked, so batches apply in
 offset order, a batch is acked only once applied -- at-least-once exactly as
 with an agent -- and faust's rebalance code still waits for unacked records

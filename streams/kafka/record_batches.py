@@ -1,12 +1,11 @@
 """Hand many records for one partition to Kafka as whole record batches.
 
 A micro-batch publishes one profile and one changelog record per user.
-Sent one by one (``producer.send``), each record costs ~25 us on this 2-core
-machine: a delivery future, a partition lookup and the accumulator's
-bookkeeping, a sixth of a user's whole step.  aiokafka's batch API
+Sent one by one (``producer.send``), each record costs a delivery future, a
+partition lookup and the accumulator's bookkeeping.  aiokafka's batch API
 (``create_batch`` / ``send_batch``) appends records straight into a record
-batch and gives one delivery future per batch: ~12 us a record, measured
-against the embedded broker.
+batch and gives one delivery future per batch, at about half the cost per
+record (docs/performance.md).
 
 The worker's batches go through the client inside faust's own producer
 (:func:`client`), so faust's flush before every offset commit still covers

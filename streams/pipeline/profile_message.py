@@ -22,8 +22,8 @@ def profile_message(
     """The JSON value of one profile message (schema: streams/schemas/profile.schema.json).
 
     orjson writes the float32 vector with float32's shortest round-trip digits:
-    ~18x faster than ``json.dumps(profile.tolist())`` and a third smaller, and
-    a reader parsing it back to float32 gets exactly the model's values.
+    faster and smaller than ``json.dumps(profile.tolist())`` (docs/performance.md),
+    and a reader parsing it back to float32 gets exactly the model's values.
     """
     return orjson.dumps({
         "user_id": user_id,

@@ -66,18 +66,16 @@ def run_worker(settings: Settings, customize: Callable[[ProfileStreamApp], None]
         customize(service)
     worker = faust.Worker(service.app, loglevel=settings.log_level, loop=loop, quiet=True,
                           redirect_stdouts=False)
-    # Everything loaded so far (torch, faust, the model: ~10^6 objects) lives as long as
-    # the process.  Left in the collected generations, each full collection walked it for
-    # 110-160 ms every ~5 s under load, stalling the batch in progress: the latency tail.
+    # Everything loaded so far (torch, faust, the model) lives as long as the process.
+    # Left in the collected generations, each full collection walked it, stalling the
+    # batch in progress: the latency tail (docs/performance.md).
     gc.freeze()
     # A batch keeps its events, features and new states alive until it ends (and, while
     # the worker is behind, the next batch's are alive too: streams/kafka/fetcher.py), so
     # every young collection walked tens of thousands of live objects and freed almost
-    # nothing: at CPython's 700, ~6 % of the processor's time in batches of 300; at 20,000,
-    # 1.3 s of a 300k-event bench run (~10 %), in which GC freed only ~8.6k objects.  Those
-    # objects hold no cycles and die by refcount, so at 300,000 (net allocations) a young
-    # collection comes only when that many objects have piled up: 0.18 s in the same run,
-    # start-up included (peak RSS 574 vs 580 MiB).
+    # nothing.  Those objects hold no cycles and die by refcount, so at GC_YOUNG_THRESHOLD
+    # (net allocations) a young collection comes only when that many objects have piled
+    # up, at no cost in peak memory (docs/performance.md).
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         worker.execute_from_commandline()

@@ -8,8 +8,8 @@ partition.  It hands the changelog records to faust's Kafka producer as whole
 record batches (streams/kafka/record_batches.py) and keeps faust's recovery
 bookkeeping itself (on each acknowledgement, the changelog offset the
 partition's RocksDB holds data up to): faust's route (``send_soon``, its
-buffer and ``FutureMessage`` machinery) cost ~65 us per record, a third of a
-user's whole step.
+buffer and ``FutureMessage`` machinery) cost a large share of a user's whole
+step (docs/performance.md).
 """
 
 from __future__ import annotations
