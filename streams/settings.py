@@ -168,7 +168,7 @@ class Settings:
 
     @classmethod
     def markdown_table(cls) -> str:
-        """The README's configuration table (tests/test_readme.py keeps the two identical)."""
+        """The README's configuration table (tests/unit/test_readme.py keeps the two identical)."""
         rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
         rows += [f"| `{env}` | `{default}` | {doc} |" if default else f"| `{env}` | (empty) | {doc} |"
                  for env, default, doc in cls.describe()]

@@ -1,7 +1,7 @@
 """Every PromQL expression of the Grafana dashboard and the alert rules.
 
 One list for the tests that check the expressions: against the names
-``streams.service.metrics.Metrics`` exports (tests/test_deploy.py), with promtool, and
+``streams.service.metrics.Metrics`` exports (tests/integration/test_deploy.py), with promtool, and
 against a real Prometheus server scraping a worker.  Grafana's
 ``$__rate_interval`` is replaced by a concrete range so plain Prometheus can
 run the dashboard's queries too.

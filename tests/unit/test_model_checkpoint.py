@@ -10,7 +10,7 @@ import torch
 from models import CheckpointError, ProfileModel
 from models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from models.synthetic import funnel_events
-from tests.test_model import make_model
+from tests.unit.test_model import make_model
 
 
 @pytest.fixture()

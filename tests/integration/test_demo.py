@@ -14,7 +14,7 @@ import jsonschema
 from models.events import event_to_dict
 from streams.dev.traffic import SyntheticTraffic
 
-from .harness import REPO
+from ..harness import REPO
 
 PROFILE_SCHEMA = json.loads((REPO / "streams" / "schemas" / "profile.schema.json").read_text())
 

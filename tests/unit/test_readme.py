@@ -7,7 +7,7 @@ import re
 from streams.cli import build_parser
 from streams.settings import Settings
 
-from .harness import REPO
+from ..harness import REPO
 
 README = (REPO / "README.md").read_text()
 

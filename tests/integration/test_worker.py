@@ -22,7 +22,7 @@ from streams.dev.embedded_broker import EmbeddedBroker
 from streams.dev.demo import encode_event
 from streams.kafka.publisher import headers_dict
 
-from .harness import (START_MS, Deployment, assert_matches_replay, exact_end_offsets, expected_last, metric_sum,
+from ..harness import (START_MS, Deployment, assert_matches_replay, exact_end_offsets, expected_last, metric_sum,
                       persisted_changelog_offsets, produce_raw, stream_through, synthetic, wait_for, wait_for_counts)
 
 

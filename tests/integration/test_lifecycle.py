@@ -24,7 +24,7 @@ from streams.dev.embedded_broker import EmbeddedBroker
 from streams.state.changelog import partition_for
 from streams.ops.snapshot import STATES, _read_states
 
-from .harness import (REPO, TOL, Deployment, assert_matches_replay, expected_last, latest_profiles,
+from ..harness import (REPO, TOL, Deployment, assert_matches_replay, expected_last, latest_profiles,
                       metric_sum, stream_through, synthetic, wait_for, wait_for_counts)
 
 HOUR_MS = 3_600_000

@@ -21,7 +21,7 @@ from models import ProfileModel
 from models.events import Event
 from streams.dev.embedded_broker import EmbeddedBroker
 
-from .harness import (BackgroundProducer, Deployment, WorkerProcess, assert_matches_replay, count_errors,
+from ..harness import (BackgroundProducer, Deployment, WorkerProcess, assert_matches_replay, count_errors,
                       expected_last, metric_sum, paced, settle, synthetic, wait_for)
 
 log = logging.getLogger(__name__)

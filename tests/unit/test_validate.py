@@ -16,7 +16,7 @@ from streams.state.codec import StateRecord, StateRecordError
 from streams.pipeline.validate import MAX_VALUE_BYTES, Accepted, Rejection, decode_json, validate_record
 
 NOW = 1_760_000_000_000
-SCHEMAS = Path(__file__).resolve().parent.parent / "streams" / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "streams" / "schemas"
 GOOD = {"event_id": "e1", "user_id": "u1", "type": "cart", "item_id": "i1", "category_id": "c1",
         "price": 9.5, "timestamp": NOW - 1000}
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from .harness import REPO
+from ..harness import REPO
 
 
 def test_bench_runs_every_mode_and_reports_ratios_latency_and_memory() -> None:

@@ -34,7 +34,7 @@ from streams.clients.subscriber import ProfileSubscriber
 from streams.dev.traffic import SyntheticTraffic
 from streams.pipeline.validate import check_message
 
-from .harness import REPO, Deployment, WorkerProcess, exact_end_offsets, produce_raw, wait_for
+from ..harness import REPO, Deployment, WorkerProcess, exact_end_offsets, produce_raw, wait_for
 
 SCHEMAS = REPO / "streams" / "schemas"
 EVENT_SCHEMA = json.loads((SCHEMAS / "event.schema.json").read_text())

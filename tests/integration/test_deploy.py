@@ -47,11 +47,11 @@ from tests.prom_queries import (
 )
 from tests.prom_server import PrometheusServer, finite, poll
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 K8S_DIR = ROOT / "deploy" / "k8s"
 COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
+COMPOSE_SCHEMA = Path(__file__).parent.parent / "data" / "compose-spec.json"
 DATA_DIR = "/var/lib/profilestream"
 WEB_PORT = 6066
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from streams import internals
 
-from .harness import REPO
+from ..harness import REPO
 
 PACKAGES = ("streams", "models")
 #: Standard-library private names allowed anywhere: argparse has no public name for the

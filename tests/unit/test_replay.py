@@ -8,8 +8,8 @@ import numpy as np
 
 from models.events import EVENT_TYPES, event_to_dict
 from models.synthetic import funnel_events
-from tests.test_model import make_model
-from tests.test_train import run_cli
+from tests.unit.test_model import make_model
+from tests.unit.test_train import run_cli
 
 
 def test_replay_cli_lines_follow_input_order_and_match_advance(tmp_path) -> None:

@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 
-from .harness import REPO
+from ..harness import REPO
 
 #: Import name of each distribution the base install may bring.
 IMPORT_NAMES = {"kafka-python": "kafka", "orjson": "orjson"}

@@ -12,7 +12,7 @@ from streams.dev.bench import create_topic
 from streams.dev.embedded_broker import EmbeddedBroker
 from streams.kafka.end_offsets import EndOffsetProbe
 
-from .harness import read_topic
+from ..harness import read_topic
 
 
 async def _produce_batches(bootstrap: str, topic: str, sizes: list[int]) -> None:

@@ -23,7 +23,7 @@ from streams.pipeline.source_record import SourceRecord
 from streams.clients.subscriber import ProfileSubscriber
 from streams.service.ttl import DAY_MS, idle_users
 
-from .harness import (REPO, Deployment, assert_matches_replay, expected_last, latest_profiles, metric_sum,
+from ..harness import (REPO, Deployment, assert_matches_replay, expected_last, latest_profiles, metric_sum,
                       produce_raw, synthetic, wait_for, wait_for_counts)
 
 
