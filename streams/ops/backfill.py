@@ -33,7 +33,7 @@ from models.loaders import FORMATS, load_events
 
 from ..state import codec as state_codec
 from ..pipeline.admission import DEFAULT_MAX_LATENESS_MS, admit
-from ..state.changelog import ensure_changelog, partition_for, send_records
+from ..state.changelog import deliver_records, ensure_changelog, partition_for
 from ..kafka.group_offsets import beginning_offsets, reset_offsets
 from ..pipeline.profile_message import profile_message
 from ..pipeline.source_record import SourceRecord
@@ -99,11 +99,11 @@ async def load(settings: Settings, users: Sequence[Backfilled], publish: bool = 
     """Append the states to the changelog (and profiles to the profile topic); workers must be stopped."""
     await ensure_topics(settings)
     await ensure_changelog(settings)
-    await send_records(settings, settings.changelog_topic,
+    await deliver_records(settings, settings.changelog_topic,
                        ((partition_for(u.user_id.encode(), settings.partitions), u.user_id.encode(), u.record)
                         for u in users))
     if publish:
-        await send_records(settings, settings.profiles_topic,
+        await deliver_records(settings, settings.profiles_topic,
                            ((partition_for(u.user_id.encode(), settings.partitions), u.user_id.encode(), u.profile)
                             for u in users))
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..state import codec as state_codec
-from ..state.changelog import ChangelogRecord, ensure_changelog, read_latest, send_records
+from ..state.changelog import ChangelogRecord, deliver_records, ensure_changelog, read_latest
 from ..kafka.group_offsets import committed_offsets, reset_offsets
 from ..settings import Settings
 
@@ -105,7 +105,7 @@ async def restore(settings: Settings, snapshot_dir: Path) -> dict[str, Any]:
     keep = {key for _, key, _ in records}
     await ensure_changelog(settings)
     doomed = [(p, key, None) for key, (p, _) in (await read_latest(settings)).items() if key not in keep]
-    await send_records(settings, settings.changelog_topic, [*records, *doomed])
+    await deliver_records(settings, settings.changelog_topic, [*records, *doomed])
     await reset_offsets(settings, {int(p): o for p, o in manifest["events_offsets"].items()})
     log.info("restored %d states (%d keys removed) from %s; workers recover them on start",
              len(records), len(doomed), snapshot_dir)

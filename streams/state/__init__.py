@@ -12,7 +12,8 @@ from ..lazy_exports import lazy_exports
 _MODULES = {
     ".codec": ["StateRecord", "StateRecordError", "encode", "decode", "event_id_hash"],
     ".store": ["TableStateStore"],
-    ".changelog": ["ChangelogRecord", "ensure_changelog", "newest_values", "partition_for", "read_latest"],
+    ".changelog": ["ChangelogRecord", "deliver_records", "ensure_changelog", "newest_values", "partition_for",
+                   "read_latest"],
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _MODULES)

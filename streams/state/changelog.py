@@ -58,7 +58,7 @@ async def ensure_changelog(settings: Settings) -> None:
         await admin.close()
 
 
-async def send_records(settings: Settings, topic: str, records: Iterable[ChangelogRecord]) -> int:
+async def deliver_records(settings: Settings, topic: str, records: Iterable[ChangelogRecord]) -> int:
     """Send records to explicit partitions, in order, and wait until all are acknowledged."""
     producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=5)
     await producer.start()
