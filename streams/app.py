@@ -75,6 +75,15 @@ def faust_config(settings: Settings) -> dict[str, object]:
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,
+        canonical_url=settings.canonical_url,
+        # faust's built-in views serve table contents (/table), routing metadata (/router),
+        # sensor statistics and the service graph with no authentication: none of them is
+        # served (docs/http.md lists what is).
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_max_poll_records=settings.batch_max,
         broker_commit_interval=1.0,
@@ -163,7 +172,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)
-    register_lookup(app, store, model, settings)
+    register_lookup(app, store, model, settings, metrics)
 
     @app.timer(settings.monitor_interval_s)
     async def monitor() -> None:

@@ -50,6 +50,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1000
 MODEL_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Dense around the 0.5 s p99 SLO (deploy/README.md) so the quantile is sharp there.
+#: Lookups answer in milliseconds; forwarded batches of 1,000 users take tens of them.
+LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: The lookup routes, as the ``endpoint`` label names them (docs/http.md).
+LOOKUP_ENDPOINTS: tuple[str, ...] = ("profile", "profiles")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -152,6 +156,13 @@ class Metrics:
             "profilestream_assigned_partitions", "Partitions of the events topic assigned to this worker.",
             registry=r)
         self.ready = Gauge("profilestream_ready", "1 when the worker serves traffic (see /readyz).", registry=r)
+        self.lookup_requests = Counter(
+            "profilestream_lookup_requests_total",
+            "Profile lookup requests answered, by endpoint (profile: one user, profiles: a batch) and HTTP status.",
+            ["endpoint", "status"], registry=r)
+        self.lookup_seconds = Histogram(
+            "profilestream_lookup_seconds", "Time to answer a profile lookup request, forwarding included.",
+            ["endpoint"], buckets=LOOKUP_BUCKETS, registry=r)
 
         for kind in EVENT_TYPES:
             self.events_consumed.labels(type=kind)
@@ -161,6 +172,9 @@ class Metrics:
             self.events_skipped.labels(reason=reason)
         for cause in FORGET_CAUSES:
             self.users_forgotten.labels(cause=cause)
+        for endpoint in LOOKUP_ENDPOINTS:  # the error ratio's denominator exists before the first lookup
+            self.lookup_requests.labels(endpoint=endpoint, status="200")
+            self.lookup_seconds.labels(endpoint=endpoint)
         # Computed at scrape time, so it keeps growing when the agent dies silently
         # (the NoProgressWithLag alert); counted from start-up until the first batch.
         self._last_batch_at = time.time()
@@ -226,6 +240,10 @@ class Metrics:
 
     def set_model_info(self, *, version: str, fingerprint: str, device: str) -> None:
         self.model_info.info({"version": version, "fingerprint": fingerprint, "device": device})
+
+    def observe_lookup(self, endpoint: str, status: int, seconds: float) -> None:
+        self.lookup_requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.lookup_seconds.labels(endpoint=endpoint).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every collector in the registry, and its content type."""

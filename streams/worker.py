@@ -34,6 +34,11 @@ def load_model(settings: Settings) -> ProfileModel:
 
 def run_worker(settings: Settings, customize: Callable[[ProfileStreamApp], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM; ``customize`` may add tasks/timers (the demo does)."""
+    try:
+        settings.check_lookup_exposure()
+    except ValueError as exc:
+        log.critical("refusing to start: %s", exc)
+        raise SystemExit(f"refusing to start: {exc}") from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # faust runs on this loop too
