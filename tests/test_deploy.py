@@ -11,6 +11,7 @@ schemas, and checked against the code (CLI commands, settings) they configure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,7 +120,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
             (fires if check["exp_alerts"] else quiet).add(check["alertname"])
     alerts = {q.source.removeprefix("alert: ") for q in alert_queries()}
     assert alerts == {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
-                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag"}
+                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag", "LookupErrorsHigh"}
     assert fires == alerts
     assert quiet == alerts
 
@@ -127,8 +130,9 @@ def test_alerts_have_severity_and_runbook() -> None:
     readme = (ROOT / "deploy" / "README.md").read_text()
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
-        assert {"summary", "description", "runbook"} <= rule["annotations"].keys(), rule["alert"]
-        assert rule["annotations"]["runbook"].startswith(f"deploy/README.md#{rule['alert'].lower()}")
+        runbook = "runbook_url" if "runbook_url" in rule["annotations"] else "runbook"
+        assert {"summary", "description", runbook} <= rule["annotations"].keys(), rule["alert"]
+        assert rule["annotations"][runbook].startswith(f"deploy/README.md#{rule['alert'].lower()}")
         assert f"\n#### {rule['alert']}\n" in readme, f"deploy/README.md has no runbook for {rule['alert']}"
 
 
@@ -180,7 +184,7 @@ def test_dashboard_structure() -> None:
         assert {"x", "y", "w", "h"} <= panel["gridPos"].keys()
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
         for target in panel.get("targets", []):
-            assert target["datasource"]["uid"] == datasource["uid"]
+            assert target["datasource"]["uid"] in (datasource["uid"], "${datasource}")
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("by type", "lag (records)", "lag (seconds)", "latency", "batch size", "model step",
                   "dead-lettered", "users in state", "published", "ready"):
@@ -222,7 +226,7 @@ def _invalid_messages() -> list[tuple[bytes, bytes, str]]:
 #: Alerts whose expression is asserted empty (quiet) on the healthy test worker.  The
 #: latency SLO is left out: its p99 depends on how busy this shared 2-core machine is.
 QUIET_WHEN_HEALTHY = {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
-                      "DeadLetterRateHigh", "NoProgressWithLag"}
+                      "DeadLetterRateHigh", "NoProgressWithLag", "LookupErrorsHigh"}
 
 
 @needs_prometheus
@@ -244,7 +248,18 @@ def test_real_prometheus_scrapes_a_worker_fed_by_demo_traffic(
     """
     invalid = _invalid_messages()
     worker = deployment.worker(PROFILESTREAM_MONITOR_INTERVAL_S="1").start()
+    stop_lookups = threading.Event()
+
+    def look_up() -> None:  # the lookup panel and alert need lookups (of both endpoints) to have data
+        batch = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}/users/profiles",
+                                       data=b'{"user_ids": ["u1", "u2"]}', method="POST")
+        while not stop_lookups.wait(0.1):
+            worker.http("/users/u1/profile")
+            with contextlib.suppress(OSError):  # HTTPError (503 until ready) is an OSError
+                urllib.request.urlopen(batch, timeout=2).close()
+
     try:
+        threading.Thread(target=look_up, name="lookups", daemon=True).start()
         with DemoTraffic(deployment, rate=300.0, users=500):
             prom = prometheus([f"127.0.0.1:{worker.web_port}"])
             # After Prometheus has the counters at 0: a series first scraped at 1 has no increase.
@@ -306,6 +321,7 @@ def test_real_prometheus_scrapes_a_worker_fed_by_demo_traffic(
             lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
             assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
     finally:
+        stop_lookups.set()
         worker.stop()
 
 

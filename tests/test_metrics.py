@@ -196,6 +196,24 @@ def test_gauges_and_model_info(m: Metrics) -> None:
     assert value(scrape(m)[0], "profilestream_ready") == 0
 
 
+def test_lookup_requests_by_endpoint_and_status(m: Metrics) -> None:
+    samples, types = scrape(m)
+    assert types["profilestream_lookup_requests"] == "counter" and types["profilestream_lookup_seconds"] == "histogram"
+    for endpoint in ("profile", "profiles"):  # present at 0 before the first lookup
+        assert value(samples, "profilestream_lookup_requests_total", endpoint=endpoint, status="200") == 0
+        assert value(samples, "profilestream_lookup_seconds_count", endpoint=endpoint) == 0
+    m.observe_lookup("profiles", 200, 0.004)
+    m.observe_lookup("profiles", 503, 0.0002)
+    m.observe_lookup("profile", 404, 0.002)
+    samples, _ = scrape(m)
+    assert value(samples, "profilestream_lookup_requests_total", endpoint="profiles", status="200") == 1
+    assert value(samples, "profilestream_lookup_requests_total", endpoint="profiles", status="503") == 1
+    assert value(samples, "profilestream_lookup_requests_total", endpoint="profile", status="404") == 1
+    assert value(samples, "profilestream_lookup_seconds_count", endpoint="profiles") == 2
+    assert value(samples, "profilestream_lookup_seconds_bucket", endpoint="profiles", le="0.001") == 1
+    assert value(samples, "profilestream_lookup_seconds_sum", endpoint="profile") == pytest.approx(0.002)
+
+
 def test_render_content_type(m: Metrics) -> None:
     body, content_type = m.render()
     assert content_type.startswith("text/plain; version=")  # Prometheus text format, not OpenMetrics
