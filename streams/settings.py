@@ -239,6 +239,12 @@ class Settings:
         return f"{self.app_id}-user-state-changelog"
 
     @classmethod
+    def env_vars(cls) -> set[str]:
+        """Every environment variable :meth:`from_env` reads, ``<VAR>_FILE`` of secrets included."""
+        names = {f.metadata["env"] for f in dataclasses.fields(cls)}
+        return names | {f"{f.metadata['env']}_FILE" for f in dataclasses.fields(cls) if f.metadata["secret"]}
+
+    @classmethod
     def describe(cls) -> list[tuple[str, str, str]]:
         """(env var, default, meaning) rows for the README's configuration table."""
         return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)]

@@ -12,7 +12,6 @@ schemas, and checked against the code (CLI commands, settings) they configure.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -373,25 +372,49 @@ def test_compose_validates_against_compose_spec(compose: dict[str, Any]) -> None
 
 def test_compose_schema_rejects_a_broken_file(compose: dict[str, Any]) -> None:
     broken = json.loads(json.dumps(compose))
-    broken["services"]["worker"]["depends_on"]["kafka-init"]["condition"] = "service_done"
-    broken["services"]["worker"]["helthcheck"] = {}
+    broken["services"]["worker-0"]["depends_on"]["kafka-init"]["condition"] = "service_done"
+    broken["services"]["worker-0"]["helthcheck"] = {}
     assert len(list(compose_validator().iter_errors(broken))) == 2
 
 
-def test_compose_services(compose: dict[str, Any]) -> None:
+def with_secret_files(env: dict[str, Any], tmp: Path) -> dict[str, str]:
+    """``env`` with each ``<secret>_FILE`` pointing at a file made here (the deployment's path
+    exists only in its container), so that Settings reads it as a worker would."""
+    out = {k: str(v) for k, v in env.items()}
+    for name in [k for k in out if k.endswith("_FILE")]:
+        secret = tmp / name.lower()
+        secret.write_text("from-a-secret\n")
+        out[name] = str(secret)
+    return out
+
+
+def test_compose_services(compose: dict[str, Any], tmp_path: Path) -> None:
     services = compose["services"]
-    assert set(services) == {"kafka", "kafka-init", "worker", "traffic", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "kafka-init", "worker-0", "worker-1", "traffic", "prometheus", "grafana"}
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "healthcheck" in services["kafka"]
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
-    worker = services["worker"]
+    worker = services["worker-0"]
     assert worker["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (ROOT / worker["build"]["context"] / worker["build"]["dockerfile"]).is_file()
     assert worker["command"] == ["profilestream", "worker"]
-    assert worker["deploy"]["replicas"] == 2
     assert worker["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert DATA_DIR in worker["volumes"]
+    # Two workers, each advertising its own service name, both behind the DNS name "worker",
+    # both reading the lookup token from the compose secret.
+    for name in ("worker-0", "worker-1"):
+        service = services[name]
+        assert {k: v for k, v in service.items() if k not in ("hostname", "environment", "ports")} == \
+            {k: v for k, v in worker.items() if k not in ("hostname", "environment", "ports")}
+        assert service["hostname"] == name and service["networks"]["default"]["aliases"] == ["worker"]
+        assert service["environment"]["PROFILESTREAM_ADVERTISED_URL"] == f"http://{name}:{WEB_PORT}"
+        assert service["environment"]["PROFILESTREAM_LOOKUP_TOKEN_FILE"] == "/run/secrets/lookup_token"
+        assert service["secrets"] == ["lookup_token"]
+        Settings.from_env(with_secret_files(service["environment"], tmp_path)).check_lookup_exposure()
+    assert compose["secrets"]["lookup_token"]["file"] == "./deploy/secrets/lookup_token"
+    assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert services["worker-0"]["ports"] == ["6066:6066"] and services["worker-1"]["ports"] == ["6067:6066"]
     env = worker["environment"]
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["PROFILESTREAM_DATA_DIR"] == DATA_DIR and int(env["PROFILESTREAM_WEB_PORT"]) == WEB_PORT
@@ -412,8 +435,9 @@ def test_compose_services(compose: dict[str, Any]) -> None:
 
 GPU_OVERRIDE = ROOT / "deploy" / "compose.gpu.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-#: Variables of the image that are not ProfileStream settings.
-NOT_SETTINGS = {"PATH", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+#: Variables of the image and the pod that are not ProfileStream settings (POD_NAME builds
+#: PROFILESTREAM_ADVERTISED_URL in deploy/k8s/statefulset.yaml).
+NOT_SETTINGS = {"PATH", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "POD_NAME"}
 
 
 def _profilestream_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -462,7 +486,7 @@ def deploy_env() -> dict[str, set[str]]:
                 found[f"{path.name}: {doc['metadata']['name']}"] = set(doc["data"])
             pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
             for container in pod.get("containers", []):
-                found[f"{path.name}: {container['name']}"] = {e["name"] for e in container.get("env", [])}
+                found[f"{path.name}: {container['name']}"] = {e["name"] for e in container.get("env", [])} - NOT_SETTINGS
     names = set()
     for args in _dockerfile_instructions("ENV"):
         names |= {m.group(1) for m in re.finditer(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", args)}
@@ -473,7 +497,7 @@ def deploy_env() -> dict[str, set[str]]:
 def test_deploy_commands_parse_with_the_real_cli() -> None:
     from streams.cli import build_parser
     commands = deploy_commands()
-    assert {"docker-compose.yml: worker.command", "docker-compose.yml: traffic.command",
+    assert {"docker-compose.yml: worker-0.command", "docker-compose.yml: traffic.command",
             "statefulset.yaml: worker.args", "Dockerfile: CMD #0"} <= commands.keys()
     for where, argv in commands.items():
         try:
@@ -490,9 +514,9 @@ def test_the_drift_check_notices_a_bad_command() -> None:
 
 
 def test_deploy_env_vars_are_settings() -> None:
-    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    known = Settings.env_vars()
     found = deploy_env()
-    assert {"docker-compose.yml: worker", "docker-compose.yml: traffic", "compose.gpu.yml: worker",
+    assert {"docker-compose.yml: worker-0", "docker-compose.yml: traffic", "compose.gpu.yml: worker-0",
             "configmap.yaml: profilestream", "Dockerfile: ENV"} <= found.keys()
     assert "PROFILESTREAM_WEB_HOST" in found["Dockerfile: ENV"]
     assert {where: names - known for where, names in found.items() if names - known} == {}
@@ -500,34 +524,36 @@ def test_deploy_env_vars_are_settings() -> None:
 
 def test_deploy_texts_name_only_real_settings() -> None:
     """Comments and runbooks too: every PROFILESTREAM_* name they mention is a setting."""
-    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    known = Settings.env_vars()
     for path in [COMPOSE, GPU_OVERRIDE, DOCKERFILE, ROOT / "deploy" / "README.md", *K8S_DIR.glob("*.yaml"),
                  *PROM_DIR.glob("*.yml")]:
         mentioned = set(re.findall(r"\bPROFILESTREAM_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
         assert mentioned - known == set(), path.name
 
 
-def test_compose_gpu_override(compose: dict[str, Any]) -> None:
+def test_compose_gpu_override(compose: dict[str, Any], tmp_path: Path) -> None:
     gpu = yaml.safe_load(GPU_OVERRIDE.read_text())
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator().iter_errors(gpu)]
     assert errors == []
-    worker = gpu["services"]["worker"]
+    worker = gpu["services"]["worker-0"]
+    assert gpu["services"]["worker-1"] == worker
     assert set(gpu["services"]) <= set(compose["services"])
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert worker["environment"]["PROFILESTREAM_DEVICE"] == "cuda"
-    Settings.from_env({**compose["services"]["worker"]["environment"], **worker["environment"]})
+    Settings.from_env(with_secret_files({**compose["services"]["worker-0"]["environment"], **worker["environment"]},
+                                        tmp_path))
     assert "ARG TORCH_VARIANT=" in DOCKERFILE.read_text() and worker["build"]["args"]["TORCH_VARIANT"].startswith("cu")
     assert GPU_OVERRIDE.relative_to(ROOT).as_posix() in COMPOSE.read_text()
 
 
-def test_compose_env_vars_are_settings(compose: dict[str, Any]) -> None:
-    known = {env for env, _, _ in Settings.describe()}
+def test_compose_env_vars_are_settings(compose: dict[str, Any], tmp_path: Path) -> None:
+    known = Settings.env_vars()
     for name, service in compose["services"].items():
         env = service.get("environment", {})
         ours = {k for k in env if k.startswith(("PROFILESTREAM_", "KAFKA_BOOTSTRAP"))}
         assert ours <= known, f"{name}: unknown settings {ours - known}"
-        Settings.from_env({k: str(v) for k, v in env.items() if k in known})  # values parse
+        Settings.from_env(with_secret_files({k: v for k, v in env.items() if k in known}, tmp_path))  # values parse
 
 
 def test_compose_creates_the_topics_the_settings_name(compose: dict[str, Any]) -> None:
@@ -536,7 +562,7 @@ def test_compose_creates_the_topics_the_settings_name(compose: dict[str, Any]) -
     defaults = Settings()
     assert set(lines) == {defaults.events_topic, defaults.dlq_topic, defaults.profiles_topic}
     assert "cleanup.policy=compact" in lines[defaults.profiles_topic]
-    partitions = compose["services"]["worker"]["environment"]["PROFILESTREAM_PARTITIONS"]
+    partitions = compose["services"]["worker-0"]["environment"]["PROFILESTREAM_PARTITIONS"]
     assert f"--partitions {partitions}" in lines[defaults.events_topic]
 
 
@@ -617,6 +643,19 @@ def test_k8s_statefulset(manifests: dict[tuple[str, str], dict[str, Any]]) -> No
     known = {env for env, _, _ in Settings.describe()}
     assert set(config) <= known
     Settings.from_env(config)
+
+    # Each pod advertises its stable DNS name under the headless service, and reads the
+    # lookup token from the Secret's mounted file (a 0.0.0.0 bind without one refuses to start).
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["PROFILESTREAM_ADVERTISED_URL"]["value"] == \
+        f"http://$(POD_NAME).{headless['metadata']['name']}:{WEB_PORT}"
+    assert list(env).index("POD_NAME") < list(env).index("PROFILESTREAM_ADVERTISED_URL")  # $(...) expands earlier ones
+    token_path = Path(env["PROFILESTREAM_LOOKUP_TOKEN_FILE"]["value"])
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "lookup-token"]
+    assert volume["secret"]["secretName"] == "profilestream-lookup" and "optional" not in volume["secret"]
+    assert mounts["lookup-token"] == str(token_path.parent)
+    assert Settings.from_env({**config, "PROFILESTREAM_LOOKUP_TOKEN": "t"}).web_host == "0.0.0.0"
 
 
 def test_k8s_manifests_match_the_kubernetes_schemas(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
