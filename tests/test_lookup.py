@@ -316,13 +316,30 @@ def test_sync_and_async_clients_use_every_worker(cluster: Cluster) -> None:
     assert client.get("nobody") is None
 
     async def run() -> tuple[dict, dict | None, dict | None]:
-        async with AsyncLookupClient(urls, token=TOKEN, batch_size=7) as aclient:  # several concurrent chunks
+        # Several concurrent chunks: worker 1 serves one lookup at a time, so some are answered
+        # `unavailable` (owner busy) and retried -- with enough attempts, every user is found.
+        async with AsyncLookupClient(urls, token=TOKEN, batch_size=7, attempts=30, max_retry_after=0.2) as aclient:
             return await aclient.get_many(users), await aclient.get(users[1]), await aclient.get("nobody")
     many, one, none = asyncio.run(run())
     assert {u: r.profile["event_count"] for u, r in many.items()} == dict(cluster.counts)
     assert one["event_count"] == cluster.counts[users[1]] and none is None
     with pytest.raises(LookupClientError, match="HTTP 401"):
         LookupClient(urls[1:], token="wrong").get_many(users)
+
+
+def test_the_example_ranker_ranks_with_a_batch_lookup(cluster: Cluster) -> None:
+    user = max(cluster.counts, key=lambda u: cluster.counts[u])
+    top = cluster.published[user]["top_categories"][0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROFILESTREAM_", "KAFKA_"))}
+    env["PROFILESTREAM_LOOKUP_TOKEN"] = TOKEN
+    out = subprocess.run(
+        [sys.executable, "examples/ranker.py", "--workers", *cluster.urls, "--user", user, "--user", "nobody",
+         "low:c-none:0.5", f"boosted:{top}:0.45"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"{user}: newest event in the profile" in out.stdout and "no profile for nobody; base order" in lines
+    ranked = [line.split()[1] for line in lines if re.match(r"\s*\d+\.\d{3}  ", line)]
+    assert ranked == ["boosted", "low", "low", "boosted"]  # the user's top category first; nobody keeps the base order
 
 
 def test_a_flood_of_lookups_gets_503_and_batches_keep_flowing(cluster: Cluster) -> None:
