@@ -43,6 +43,9 @@ INVALID_REASONS: tuple[str, ...] = (
 )
 #: Why an event was not applied although it is valid (effectively-once rules).
 SKIP_REASONS: tuple[str, ...] = ("redelivered", "duplicate_event")
+#: The two kinds of table partitions faust recovers from the changelog: those this worker
+#: owns (it is not ready until they are read) and its standby replicas of others'.
+RECOVERY_KINDS: tuple[str, ...] = ("active", "standby")
 #: Why a user's state was erased: a ``profilestream forget`` request, or the idle TTL.
 FORGET_CAUSES: tuple[str, ...] = ("request", "ttl")
 
@@ -152,6 +155,10 @@ class Metrics:
             "profilestream_assigned_partitions", "Partitions of the events topic assigned to this worker.",
             registry=r)
         self.ready = Gauge("profilestream_ready", "1 when the worker serves traffic (see /readyz).", registry=r)
+        self.recovery_remaining = Gauge(
+            "profilestream_recovery_remaining_records",
+            "Changelog records still to be read into the state table (0: recovered), by kind (active, standby).",
+            ["kind"], registry=r)
 
         for kind in EVENT_TYPES:
             self.events_consumed.labels(type=kind)
@@ -161,6 +168,8 @@ class Metrics:
             self.events_skipped.labels(reason=reason)
         for cause in FORGET_CAUSES:
             self.users_forgotten.labels(cause=cause)
+        for kind in RECOVERY_KINDS:
+            self.recovery_remaining.labels(kind=kind)
         # Computed at scrape time, so it keeps growing when the agent dies silently
         # (the NoProgressWithLag alert); counted from start-up until the first batch.
         self._last_batch_at = time.time()
@@ -220,6 +229,11 @@ class Metrics:
 
     def set_users_in_state(self, n: int) -> None:
         self.users_in_state.set(n)
+
+    def set_recovery_remaining(self, active: int, standby: int) -> None:
+        """Records faust's table recovery still has to read, for owned and standby partitions."""
+        self.recovery_remaining.labels(kind="active").set(active)
+        self.recovery_remaining.labels(kind="standby").set(standby)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
