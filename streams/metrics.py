@@ -43,6 +43,9 @@ INVALID_REASONS: tuple[str, ...] = (
 )
 #: Why an event was not applied although it is valid (effectively-once rules).
 SKIP_REASONS: tuple[str, ...] = ("redelivered", "duplicate_event")
+#: The two kinds of table partitions faust recovers from the changelog: those this worker
+#: owns (it is not ready until they are read) and its standby replicas of others'.
+RECOVERY_KINDS: tuple[str, ...] = ("active", "standby")
 #: Why a user's state was erased: a ``profilestream forget`` request, or the idle TTL.
 FORGET_CAUSES: tuple[str, ...] = ("request", "ttl")
 
@@ -163,6 +166,10 @@ class Metrics:
         self.lookup_seconds = Histogram(
             "profilestream_lookup_seconds", "Time to answer a profile lookup request, forwarding included.",
             ["endpoint"], buckets=LOOKUP_BUCKETS, registry=r)
+        self.recovery_remaining = Gauge(
+            "profilestream_recovery_remaining_records",
+            "Changelog records still to be read into the state table (0: recovered), by kind (active, standby).",
+            ["kind"], registry=r)
 
         for kind in EVENT_TYPES:
             self.events_consumed.labels(type=kind)
@@ -175,6 +182,8 @@ class Metrics:
         for endpoint in LOOKUP_ENDPOINTS:  # the error ratio's denominator exists before the first lookup
             self.lookup_requests.labels(endpoint=endpoint, status="200")
             self.lookup_seconds.labels(endpoint=endpoint)
+        for kind in RECOVERY_KINDS:
+            self.recovery_remaining.labels(kind=kind)
         # Computed at scrape time, so it keeps growing when the agent dies silently
         # (the NoProgressWithLag alert); counted from start-up until the first batch.
         self._last_batch_at = time.time()
@@ -234,6 +243,11 @@ class Metrics:
 
     def set_users_in_state(self, n: int) -> None:
         self.users_in_state.set(n)
+
+    def set_recovery_remaining(self, active: int, standby: int) -> None:
+        """Records faust's table recovery still has to read, for owned and standby partitions."""
+        self.recovery_remaining.labels(kind="active").set(active)
+        self.recovery_remaining.labels(kind="standby").set(standby)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

@@ -36,6 +36,7 @@ from streams.metrics import Metrics
 from streams.settings import Settings
 from streams.traffic import SyntheticTraffic
 from tests.harness import DemoTraffic, Deployment, produce_raw
+from tests.k8s_rules import render as render_prometheus_rule
 from tests.prom_queries import (
     ALERTS,
     DASHBOARD,
@@ -119,19 +120,21 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
             (fires if check["exp_alerts"] else quiet).add(check["alertname"])
     alerts = {q.source.removeprefix("alert: ") for q in alert_queries()}
     assert alerts == {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
-                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag", "LookupErrorsHigh"}
+                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag", "RecoveryStalled",
+                      "LookupErrorsHigh"}
     assert fires == alerts
     assert quiet == alerts
 
 
-def test_alerts_have_severity_and_runbook() -> None:
+def test_alerts_have_severity_and_runbook_url() -> None:
+    """``runbook_url`` is the annotation Alertmanager integrations (PagerDuty, Slack
+    templates, Grafana alerting) turn into a link; each points at its runbook section."""
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
     readme = (ROOT / "deploy" / "README.md").read_text()
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
-        runbook = "runbook_url" if "runbook_url" in rule["annotations"] else "runbook"
-        assert {"summary", "description", runbook} <= rule["annotations"].keys(), rule["alert"]
-        assert rule["annotations"][runbook].startswith(f"deploy/README.md#{rule['alert'].lower()}")
+        assert rule["annotations"].keys() == {"summary", "description", "runbook_url"}, rule["alert"]
+        assert rule["annotations"]["runbook_url"] == f"deploy/README.md#{rule['alert'].lower()}"
         assert f"\n#### {rule['alert']}\n" in readme, f"deploy/README.md has no runbook for {rule['alert']}"
 
 
@@ -182,15 +185,65 @@ def test_dashboard_structure() -> None:
     for panel in dashboard["panels"]:
         assert {"x", "y", "w", "h"} <= panel["gridPos"].keys()
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
-        for target in panel.get("targets", []):
-            assert target["datasource"]["uid"] in (datasource["uid"], "${datasource}")
+    # The provisioned datasource is the default one, which the datasource variable picks.
+    assert datasource["isDefault"] is True and datasource["type"] == "prometheus"
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("by type", "lag (records)", "lag (seconds)", "latency", "batch size", "model step",
-                  "dead-lettered", "users in state", "published", "ready"):
+                  "dead-lettered", "users in state", "published", "ready", "recovery", "process cpu",
+                  "process memory"):
         assert topic in titles
     compose = yaml.safe_load(COMPOSE.read_text())
     mounts = compose["services"]["grafana"]["volumes"]
     assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+def grafana_import(dashboard: dict[str, Any], variables: dict[str, str]) -> dict[str, Any]:
+    """The dashboard as Grafana resolves it for one choice of template variables:
+    every ``$name`` / ``${name}`` in it replaced by the chosen value."""
+    text = json.dumps(dashboard)
+    for name, value in variables.items():
+        text = text.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    resolved: dict[str, Any] = json.loads(text)
+    return resolved
+
+
+def datasource_refs(node: Any) -> list[Any]:
+    """Every ``datasource`` value anywhere in a dashboard (panels, targets, variables)."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "datasource"] + \
+            [ref for k, v in node.items() for ref in datasource_refs(v)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in datasource_refs(item)]
+    return []
+
+
+def test_dashboard_imports_with_another_datasource_name() -> None:
+    """Grafana instances name their Prometheus datasource as they like: the dashboard
+    must reach it only through its ``datasource`` variable, never a hard-coded uid."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    instance = variables["instance"]
+    assert instance["type"] == "query" and instance["includeAll"] and instance["allValue"] == ".*"
+    assert re.fullmatch(r"label_values\(profilestream_\w+, instance\)", instance["definition"])
+    assert instance["query"]["query"] == instance["definition"]
+
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    refs = datasource_refs(dashboard)
+    assert len(refs) == len(panels) + sum(len(p["targets"]) for p in panels) + 1  # + the instance variable
+    assert all(ref == {"type": "prometheus", "uid": "${datasource}"} for ref in refs), refs
+    for panel in panels:
+        for target in panel["targets"]:
+            # Every selector of every query is narrowed to the chosen workers.
+            names = metric_names(target["expr"].replace("$__rate_interval", "1m"))
+            assert target["expr"].count('instance=~"$instance"') >= len(names), (panel["title"], target["expr"])
+
+    imported = grafana_import(dashboard, {"datasource": "my-metrics-uid", "instance": "(w1:6066|w2:6066)",
+                                          "__rate_interval": "1m"})
+    assert "$" not in json.dumps(imported["panels"])
+    refs = datasource_refs(imported)
+    assert refs and all(ref == {"type": "prometheus", "uid": "my-metrics-uid"} for ref in refs), refs
+    assert "prometheus" not in {ref["uid"] for ref in refs}  # the compose stack's uid is nowhere
 
 
 # --- a real Prometheus scraping a real worker, and crafted values --------------------
@@ -225,7 +278,8 @@ def _invalid_messages() -> list[tuple[bytes, bytes, str]]:
 #: Alerts whose expression is asserted empty (quiet) on the healthy test worker.  The
 #: latency SLO is left out: its p99 depends on how busy this shared 2-core machine is.
 QUIET_WHEN_HEALTHY = {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
-                      "DeadLetterRateHigh", "NoProgressWithLag", "LookupErrorsHigh"}
+                      "DeadLetterRateHigh", "NoProgressWithLag", "RecoveryStalled",
+                      "LookupErrorsHigh"}
 
 
 @needs_prometheus
@@ -265,7 +319,11 @@ def test_real_prometheus_scrapes_a_worker_fed_by_demo_traffic(
             poll("two scrapes", lambda: prom.query('count_over_time(up{job="profilestream"}[1m]) >= 2'))
             produce_raw(deployment.bootstrap, deployment.settings.events_topic, [(k, v) for k, v, _ in invalid])
 
-            checks = {q.source: q.expr for q in dashboard_queries("15s")}
+            # The instance variable's values, as Grafana's label_values() query gets them.
+            instances = poll("the instance variable's values", lambda: prom.api(
+                "label/instance/values", **{"match[]": "profilestream_ready"}))
+            assert instances == [f"127.0.0.1:{worker.web_port}"]
+            checks = {q.source: q.expr for q in dashboard_queries("15s", instance="|".join(instances))}
             checks |= {f"{q.source} (as bool)": with_bool(q.expr) for q in alert_queries()}
             # Every metric name the dashboard and alerts use has scraped series.
             checks |= {f"series {name}": name for name in sorted({n for q in all_queries() for n in
@@ -599,7 +657,8 @@ def manifests() -> dict[tuple[str, str], dict[str, Any]]:
 def test_k8s_kinds_and_kustomization(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     assert set(manifests) == {("ConfigMap", "profilestream"), ("Service", "profilestream-headless"),
                               ("Service", "profilestream"), ("StatefulSet", "profilestream"),
-                              ("PodDisruptionBudget", "profilestream")}
+                              ("PodDisruptionBudget", "profilestream"), ("ServiceMonitor", "profilestream"),
+                              ("PrometheusRule", "profilestream")}
     for doc in manifests.values():
         assert doc["apiVersion"] and doc["metadata"]["labels"]["app.kubernetes.io/name"] == "profilestream"
     kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
@@ -658,9 +717,64 @@ def test_k8s_statefulset(manifests: dict[tuple[str, str], dict[str, Any]]) -> No
     assert Settings.from_env({**config, "PROFILESTREAM_LOOKUP_TOKEN": "t"}).web_host == "0.0.0.0"
 
 
+def test_k8s_pod_hardening_and_placement(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    pod = manifests[("StatefulSet", "profilestream")]["spec"]["template"]
+    spec = pod["spec"]
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = spec["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    spread = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    for constraint in spread.values():
+        assert constraint["maxSkew"] == 1
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+def test_k8s_startup_probe_covers_recovery(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Liveness must not kill a worker still recovering its table: the startup probe
+    waits for readiness (= recovered), far longer than liveness would."""
+    (container,) = manifests[("StatefulSet", "profilestream")]["spec"]["template"]["spec"]["containers"]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    assert startup["httpGet"]["path"] == "/readyz" == container["readinessProbe"]["httpGet"]["path"]
+    budget_s = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget_s >= 30 * 60 > 10 * liveness["periodSeconds"] * liveness["failureThreshold"]
+
+
+def test_k8s_prometheus_rule_is_alerts_yml(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    rule = manifests[("PrometheusRule", "profilestream")]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    assert (K8S_DIR / "prometheusrule.yaml").read_text() == render_prometheus_rule(), \
+        "deploy/k8s/prometheusrule.yaml is stale: python -m tests.k8s_rules > deploy/k8s/prometheusrule.yaml"
+
+
+def test_k8s_service_monitor_scrapes_each_worker_once(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    monitor = manifests[("ServiceMonitor", "profilestream")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    selector = spec["selector"]["matchLabels"]
+    services = {name: doc for (kind, name), doc in manifests.items() if kind == "Service"}
+    selected = [name for name, svc in services.items() if selector.items() <= svc["metadata"]["labels"].items()]
+    assert selected == ["profilestream-headless"]  # scrapes not-ready (recovering) pods, and each pod once
+    headless = services["profilestream-headless"]
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in headless["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    # The job label WorkerDown selects on.
+    assert headless["metadata"]["labels"][spec["jobLabel"]] == "profilestream"
+    assert 'up{job="profilestream"}' in ALERTS.read_text()
+
+
+#: Prometheus Operator kinds: kubernetes-validate has no schema for CRDs, so the
+#: tests above check their structure against what they must select and contain.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
 def test_k8s_manifests_match_the_kubernetes_schemas(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for key, doc in manifests.items():
+        if key[0] in OPERATOR_KINDS:
+            continue
         try:
             kubernetes_validate.validate(doc, "1.30.0", strict=True)
         except kubernetes_validate.ValidationError as exc:

@@ -64,6 +64,7 @@ def test_every_family_has_its_name_and_type(m: Metrics) -> None:
         "profilestream_model_info": "gauge",  # Info renders as a gauge in the text format
         "profilestream_assigned_partitions": "gauge",
         "profilestream_ready": "gauge",
+        "profilestream_recovery_remaining_records": "gauge",
     }
     assert {name: types.get(name) for name in expected} == expected
 
@@ -212,6 +213,14 @@ def test_lookup_requests_by_endpoint_and_status(m: Metrics) -> None:
     assert value(samples, "profilestream_lookup_seconds_count", endpoint="profiles") == 2
     assert value(samples, "profilestream_lookup_seconds_bucket", endpoint="profiles", le="0.001") == 1
     assert value(samples, "profilestream_lookup_seconds_sum", endpoint="profile") == pytest.approx(0.002)
+def test_recovery_remaining(m: Metrics) -> None:
+    samples, _ = scrape(m)
+    # Both kinds exist at 0 before the first sample, so the RecoveryStalled join has series.
+    assert value(samples, "profilestream_recovery_remaining_records", kind="active") == 0
+    m.set_recovery_remaining(active=1200, standby=35)
+    samples, _ = scrape(m)
+    assert value(samples, "profilestream_recovery_remaining_records", kind="active") == 1200
+    assert value(samples, "profilestream_recovery_remaining_records", kind="standby") == 35
 
 
 def test_render_content_type(m: Metrics) -> None:
