@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Sequence
 
 import faust
+from faust.types import TP
 
 from models import ProfileModel
 
@@ -71,6 +72,8 @@ def faust_config(settings: Settings) -> dict[str, object]:
         store="rocksdb://",
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
+        # Every topic faust creates: the table's changelog and its assignor's leader topic.
+        topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,
         web_host=settings.web_host,
         web_bind=settings.web_host,
@@ -135,7 +138,13 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     guard = DeliveryGuard(lambda exc: fail(exc, "an output was not delivered"))
     store = TableStateStore(table, guard)
     publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic, guard)
-    processor = BatchProcessor(model, store, publisher, metrics,
+
+    async def events_end(partition: int) -> int:
+        """Exact end offset of an events partition (the consumer probes it on the embedded broker)."""
+        tp = TP(settings.events_topic, partition)
+        return (await app.consumer.highwaters(tp))[tp]
+
+    processor = BatchProcessor(model, store, publisher, metrics, events_end, settings.events_topic,
                                reset_mismatched=settings.on_model_mismatch == "reset")
     health = WorkerHealth()
 
@@ -181,10 +190,11 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     if settings.state_ttl_days > 0:
         @app.timer(settings.state_ttl_sweep_s)
         async def expire_idle_state() -> None:
-            await ttl_sweep(app, settings, processor, store)
+            await ttl_sweep(app, settings, store, model)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: faust.App, assigned: set, **_: object) -> None:
         metrics.count_rebalance()
+        processor.known_end.clear()  # a recreated or truncated topic ends earlier than seen before
     return ProfileStreamApp(settings, app, table, store, processor, metrics, model, health)
 

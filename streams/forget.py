@@ -11,7 +11,12 @@ it deletes the state (RocksDB and a changelog tombstone) and publishes a
 tombstone (key = user id, value = null) to the compacted profile topic, so
 compaction removes the profile and subscribers drop the user.
 
-The same erase step serves the idle TTL (streams/ttl.py).
+The idle TTL (streams/ttl.py) erases through the same log: its sweep
+produces *expire requests* -- the same record with header
+``profilestream.control: expire`` and the idle cut-off in
+``profilestream.expire.idle_before_ms`` -- and the owning worker erases the
+user only if the state's last event is still older than the cut-off when the
+request's turn comes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 from aiokafka import AIOKafkaProducer
@@ -31,13 +37,36 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Header that marks a control record on the events topic, and its one known value.
+#: Header that marks a control record on the events topic, and its known values.
 CONTROL_HEADER = "profilestream.control"
 FORGET = b"forget"
+EXPIRE = b"expire"
+#: Header of an expire request: the idle cut-off, epoch milliseconds in ASCII digits.
+IDLE_BEFORE_HEADER = "profilestream.expire.idle_before_ms"
+
+Headers = list[tuple[str, bytes]]
 
 
-def forget_headers() -> list[tuple[str, bytes]]:
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    """What a control record asks: erase ``user_id`` -- unconditionally (forget), or only if the
+    user's last applied event is older than ``idle_before_ms`` (expire)."""
+
+    user_id: str
+    idle_before_ms: int | None = None
+
+    @property
+    def cause(self) -> str:
+        """The ``cause`` label of ``profilestream_users_forgotten_total``."""
+        return "request" if self.idle_before_ms is None else "ttl"
+
+
+def forget_headers() -> Headers:
     return [(CONTROL_HEADER, FORGET)]
+
+
+def expire_headers(idle_before_ms: int) -> Headers:
+    return [(CONTROL_HEADER, EXPIRE), (IDLE_BEFORE_HEADER, str(idle_before_ms).encode())]
 
 
 def is_control(record: SourceRecord) -> bool:
@@ -45,22 +74,38 @@ def is_control(record: SourceRecord) -> bool:
     return any(name == CONTROL_HEADER for name, _ in record.headers)
 
 
-def forget_target(record: SourceRecord) -> str:
-    """The user id a control record asks to forget, or :class:`EventError` with the reason."""
+def control_request(record: SourceRecord) -> ControlRequest:
+    """The request a control record makes, or :class:`EventError` with the reason."""
     kinds = [value for name, value in record.headers if name == CONTROL_HEADER]
-    if kinds != [FORGET]:
-        raise EventError("unknown_control", f"control header {CONTROL_HEADER} is {kinds!r}, not [b'forget']")
+    if kinds not in ([FORGET], [EXPIRE]):
+        raise EventError("unknown_control", f"control header {CONTROL_HEADER} is {kinds!r}, "
+                                            f"not [b'forget'] or [b'expire']")
     if record.value is not None:
-        raise EventError("unknown_control", "a forget request carries no value")
+        raise EventError("unknown_control", "a control record carries no value")
+    idle_before_ms = None
+    if kinds == [EXPIRE]:
+        cutoffs = [value for name, value in record.headers if name == IDLE_BEFORE_HEADER]
+        if len(cutoffs) != 1 or not cutoffs[0].isdigit():
+            raise EventError("unknown_control", f"an expire request needs one {IDLE_BEFORE_HEADER} header "
+                                                f"of ASCII digits, got {cutoffs!r}")
+        idle_before_ms = int(cutoffs[0])
     if record.key is None:
-        raise EventError("bad_key", "forget request has no key; the key must be the user_id")
+        raise EventError("bad_key", "control record has no key; the key must be the user_id")
     try:
         user_id = record.key.decode("utf-8")
     except UnicodeDecodeError:
         raise EventError("bad_key", "key is not valid UTF-8") from None
     if not user_id or len(user_id) > MAX_ID_CHARS:
         raise EventError("bad_key", f"key must be 1..{MAX_ID_CHARS} characters")
-    return user_id
+    return ControlRequest(user_id, idle_before_ms)
+
+
+async def send_control(producer: AIOKafkaProducer, topic: str, user_ids: Sequence[str], headers: Headers,
+                       partition: int | None = None) -> None:
+    """Produce one control record per user and wait until the broker has them all."""
+    futures = [await producer.send(topic, None, key=user_id.encode(), headers=headers, partition=partition)
+               for user_id in user_ids]
+    await asyncio.gather(*futures)
 
 
 async def request_forget(settings: Settings, user_ids: Sequence[str]) -> None:
@@ -68,10 +113,7 @@ async def request_forget(settings: Settings, user_ids: Sequence[str]) -> None:
     producer = AIOKafkaProducer(**aiokafka_options(settings), acks="all")
     await producer.start()
     try:
-        futures = [await producer.send(settings.events_topic, None, key=user_id.encode(),
-                                       headers=forget_headers())
-                   for user_id in user_ids]
-        await asyncio.gather(*futures)
+        await send_control(producer, settings.events_topic, user_ids, forget_headers())
     finally:
         await producer.stop()
 

@@ -8,11 +8,11 @@
 batch while this one's model step runs in the model thread
 (streams/batch_consumer.py).
 
-Forget requests (control records, streams/forget.py) split a batch: the
-events before one are applied, then the user is erased, then the events after
-it are applied -- the order the partition has them in.  Erasing (requested or
-by the idle TTL) and batches take one lock, so an erase never lands between a
-batch's state write and its profile publish.
+Control records (forget and TTL expire requests, streams/forget.py) split a
+batch: the events before one are applied, then the user is erased, then the
+events after it are applied -- the order the partition has them in.  Erasing
+happens only here, inside a batch, so it is committed like events and never
+lands between a batch's state write and its profile publish.
 
 The processor knows the model only through its step API (``prepare_advance``,
 ``predict`` and the state codec) and Kafka only through
@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -39,9 +39,9 @@ from models.events import EventError
 from . import state_record
 from .admission import DEFAULT_MAX_LATENESS_MS, Admission, admit
 from .batching import UserBatch, group_by_user
-from .forget import forget_target, is_control
+from .forget import ControlRequest, control_request, is_control
 from .metrics import Metrics
-from .model_guard import ModelMismatchError, mismatch_message
+from .model_guard import ModelMismatchError, StateAheadOfLogError, ahead_message, mismatch_message
 from .publish import Publisher, profile_message
 from .records import SourceRecord
 from .state_record import StateRecord
@@ -58,7 +58,7 @@ class StateStore(Protocol):
 
 @dataclass(slots=True)
 class Run:
-    """Consecutive records of one kind: forget requests, or events (validated and grouped by user)."""
+    """Consecutive records of one kind: control records, or events (validated and grouped by user)."""
 
     records: list[SourceRecord]
     control: bool
@@ -94,20 +94,28 @@ class BatchProcessor:
     """Applies micro-batches of raw records to user state and publishes profiles."""
 
     def __init__(self, model: ProfileModel, store: StateStore, publisher: Publisher, metrics: Metrics,
+                 events_end: Callable[[int], Awaitable[int]], events_topic: str,
                  max_lateness_ms: int = DEFAULT_MAX_LATENESS_MS, reset_mismatched: bool = False) -> None:
         self.model = model
         self.store = store
         self.publisher = publisher
         self.metrics = metrics
         self.max_lateness_ms = max_lateness_ms
-        #: PROFILESTREAM_ON_MODEL_MISMATCH=reset: another model's state is discarded
-        #: (the user starts afresh) instead of stopping the worker.
+        #: PROFILESTREAM_ON_MODEL_MISMATCH=reset: another model's state, or one ahead of its
+        #: events partition's end, is discarded (the user starts afresh) instead of stopping the worker.
         self.reset_mismatched = reset_mismatched
+        #: The current end offset of an events partition (asked only when a state claims
+        #: an offset at or past a record's: see :meth:`_ahead_of_log`).
+        self.events_end = events_end
+        self.events_topic = events_topic
+        #: Partition -> an end offset seen; states below it need no new question.
+        self.known_end: dict[int, int] = {}
         #: Called after every batch with its report and latencies (the demo's live summary).
         self.listeners: list[Callable[[BatchReport, np.ndarray], None]] = []
         #: partition -> (offset, timestamp ms) of the last record processed (for lag).
         self.progress: dict[int, tuple[int, int]] = {}
-        #: Held by every batch and every erase (see the module docstring).
+        #: One batch at a time reads and writes state: the batch consumer keeps one in
+        #: flight, and this makes it a property of the processor whoever calls it.
         self.lock = asyncio.Lock()
         #: Runs the model step, one at a time (see :meth:`prepare`).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model-step")
@@ -137,7 +145,7 @@ class BatchProcessor:
             latencies = [np.zeros(0)]
             for run in batch.runs:
                 if run.control:
-                    await self._forget_requested(run.records, report)
+                    await self._apply_control(run.records, report)
                     continue
                 counts, seconds, lat = await self._apply(run, report)
                 type_counts += counts
@@ -162,20 +170,15 @@ class BatchProcessor:
                 listener(report, all_latencies)
             return report
 
-    async def expire_idle(self, partitions: Sequence[int], idle_users: Callable[[int], list[str]]) -> int:
-        """Erase the users ``idle_users(partition)`` names (the TTL sweep); returns how many."""
-        async with self.lock:
-            erased = 0
-            for partition in partitions:
-                users = idle_users(partition)
-                await self._erase(partition, users, "ttl")
-                erased += len(users)
-            return erased
-
     async def _apply(self, run: Run, report: BatchReport) -> tuple[Counter[str], float, np.ndarray]:
         """The pipeline for a run of events: (applied per type, model seconds, latencies)."""
         users, rejected = run.users, list(run.rejected)
         stored = self._lookup(users)
+        for i, user in enumerate(users):
+            record = stored[i][0]
+            if record is not None and record.last_offset >= user.items[0].record.offset \
+                    and await self._ahead_of_log(user.partition, record.last_offset, f"user {user.user_id!r}"):
+                stored[i] = (None, None)
         admissions = [self._admit(u, rec, state) for u, (rec, state) in zip(users, stored)]
         for adm in admissions:
             rejected.extend(adm.rejected)
@@ -209,31 +212,77 @@ class BatchProcessor:
         return (Counter(a.event.type for i in todo for a in admissions[i].apply), step_seconds,
                 (published_ms - source_ts) / 1000.0)
 
-    async def _forget_requested(self, records: list[SourceRecord], report: BatchReport) -> None:
-        """Erase the users of a run of forget requests.
+    async def _apply_control(self, records: list[SourceRecord], report: BatchReport) -> None:
+        """Erase the users a run of control records asks for, request by request, in order.
 
         A redelivered request (crash or rebalance before its offset was
         committed) must not erase what events *after* it built: if the user's
-        state has applied an offset beyond the request's, it was honoured already.
+        state has applied an offset beyond the request's, it was honoured
+        already.  An expire request spares a user whose last event is not
+        older than its cut-off: events that waited in the log before it
+        were applied first.  A user with no state is erased all the same, for
+        its tombstones: a crash may have come between the local delete and them.
         """
         rejected: list[Rejection] = []
-        requests: dict[int, dict[str, SourceRecord]] = {}
+        requests: dict[int, list[tuple[SourceRecord, ControlRequest]]] = {}
         for record in records:
             try:
-                requests.setdefault(record.partition, {})[forget_target(record)] = record
+                requests.setdefault(record.partition, []).append((record, control_request(record)))
             except EventError as exc:
                 rejected.append(Rejection(record, exc.reason, str(exc)))
-        for partition, by_user in requests.items():
-            stored = self.store.get_many(partition, [user.encode() for user in by_user])
-            doomed = []
-            for (user, record), value in zip(by_user.items(), stored):
-                if value is not None and state_record.decode(value).last_offset > record.offset:
+        for partition, pending in requests.items():
+            users = list(dict.fromkeys(request.user_id for _, request in pending))
+            stored = dict(zip(users, self.store.get_many(partition, [user.encode() for user in users])))
+            doomed: dict[str, str] = {}
+            for record, request in pending:
+                value = None if request.user_id in doomed else stored[request.user_id]
+                if await self._honoured(partition, record, request, value):
                     report.redelivered += 1
-                else:
-                    doomed.append(user)
-            await self._erase(partition, doomed, "request")
-            report.forgotten += len(doomed)
+                    continue
+                if value is not None and request.idle_before_ms is not None and not self._idle(
+                        state_record.decode(value), request.idle_before_ms):
+                    log.debug("user %r: active since the expire request's cut-off; kept", request.user_id)
+                    continue
+                doomed[request.user_id] = request.cause
+            for cause in sorted(set(doomed.values())):
+                erased = [user for user, c in doomed.items() if c == cause]
+                await self._erase(partition, erased, cause)
+                report.forgotten += len(erased)
         await self._dead_letter(rejected, report)
+
+    async def _honoured(self, partition: int, record: SourceRecord, request: ControlRequest,
+                        value: bytes | None) -> bool:
+        """Whether the user's state shows events after ``record`` applied: the request was applied before."""
+        if value is None:
+            return False
+        applied = state_record.decode(value).last_offset
+        return applied > record.offset and not await self._ahead_of_log(
+            partition, applied, f"user {request.user_id!r}")
+
+    def _idle(self, record: StateRecord, idle_before_ms: int) -> bool:
+        """Whether a state's last event is older than the cut-off.  Another model's state is left to
+        PROFILESTREAM_ON_MODEL_MISMATCH (its codec may not be this model's), so it never counts as idle."""
+        if record.fingerprint != self.model.fingerprint:
+            return False
+        return self.model.decode_state(record.model_state).last_timestamp_ms < idle_before_ms
+
+    async def _ahead_of_log(self, partition: int, applied: int, whose: str) -> bool:
+        """Whether a state's applied offset lies at or beyond the events partition's end.
+
+        Such a state was built from a topic that has since been recreated or
+        truncated: its offset would make new events look redelivered.  With
+        the reset policy it is discarded (True); otherwise the worker stops.
+        """
+        if applied < self.known_end.get(partition, 0):
+            return False
+        end = self.known_end[partition] = await self.events_end(partition)
+        if applied < end:
+            return False
+        message = ahead_message(f"the stored state of {whose}", self.events_topic, partition, applied, end)
+        if not self.reset_mismatched:
+            raise StateAheadOfLogError(message)
+        log.warning("%s; discarding it (PROFILESTREAM_ON_MODEL_MISMATCH=reset)", message)
+        return True
 
     async def _erase(self, partition: int, user_ids: list[str], cause: str) -> None:
         """Delete the users' state (RocksDB + changelog tombstone) and tombstone their profiles."""

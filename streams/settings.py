@@ -49,7 +49,13 @@ class Settings:
         "PROFILESTREAM_DLQ_TOPIC", "profilestream.events.dlq", "Dead-letter topic for invalid events.")
     partitions: int = _env_field(
         "PROFILESTREAM_PARTITIONS", 8,
-        "Partitions of the events topic and the state changelog (created if missing).")
+        "Partitions of the events topic and the state changelog (created if missing). The two must "
+        "match: a worker refuses to start when they differ (docs/reliability.md).")
+    replication_factor: int = _env_field(
+        "PROFILESTREAM_REPLICATION_FACTOR", 3,
+        "Replicas of every topic the service creates: events, profiles, dead letters, the state "
+        "changelog and faust's internal topics. 3 keeps the state when one broker is lost; a one-broker "
+        "cluster (the compose stack, the embedded broker) needs 1.")
     batch_max: int = _env_field(
         "PROFILESTREAM_BATCH_MAX", 10000,
         "Most events in one micro-batch (one model call). Batches are what one fetch returns: "
@@ -88,8 +94,9 @@ class Settings:
         "PROFILESTREAM_MODEL_PATH", "", "Model checkpoint (.pt); empty = the shipped default checkpoint.")
     on_model_mismatch: str = _env_field(
         "PROFILESTREAM_ON_MODEL_MISMATCH", "refuse",
-        "What a worker does with stored states of another model: refuse (do not start) or reset "
-        "(discard them, those users start afresh). See docs/lifecycle.md.")
+        "What a worker does with stored states it must not apply events to -- written by another model, "
+        "or ahead of their events partition's end (topic recreated or truncated): refuse (do not start "
+        "or stop) or reset (discard them, those users start afresh). See docs/lifecycle.md.")
     rocksdb_write_buffer_mb: int = _env_field(
         "PROFILESTREAM_ROCKSDB_WRITE_BUFFER_MB", 8,
         "RocksDB memtable size per state partition (two at most). Every state write lands in one "
@@ -173,6 +180,8 @@ class Settings:
         problems = []
         if self.partitions < 1:
             problems.append("PROFILESTREAM_PARTITIONS must be >= 1")
+        if self.replication_factor < 1:
+            problems.append("PROFILESTREAM_REPLICATION_FACTOR must be >= 1")
         if self.producer_request_timeout_s <= 0:
             problems.append("PROFILESTREAM_PRODUCER_REQUEST_TIMEOUT_S must be > 0")
         if self.batch_max < 1:

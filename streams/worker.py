@@ -13,9 +13,9 @@ import torch
 from models import ProfileModel, default_checkpoint_path
 
 from .app import ProfileStreamApp, build_app
-from .model_guard import ModelMismatchError, preflight
+from .model_guard import StoredStateError, preflight
 from .settings import Settings
-from .topics import ensure_topics
+from .topics import PartitionCountError, check_partitions, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ def run_worker(settings: Settings, customize: Callable[[ProfileStreamApp], None]
     loop.run_until_complete(ensure_topics(settings))
     model = load_model(settings)
     try:
+        loop.run_until_complete(check_partitions(settings))
         loop.run_until_complete(preflight(settings, model.fingerprint))
-    except ModelMismatchError as exc:
+    except (PartitionCountError, StoredStateError) as exc:
         log.critical("refusing to start: %s", exc)
         raise SystemExit(f"refusing to start: {exc}") from None
     service = build_app(settings, model)
