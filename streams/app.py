@@ -28,7 +28,7 @@ from .lookup import register_lookup
 from .metrics import Metrics
 from .monitor import sample
 from .processor import BatchProcessor, PreparedBatch
-from .publish import Publisher
+from .publish import Publisher, dead_letter_budget
 from .records import SourceRecord
 from .settings import Settings
 from .state_store import TableStateStore
@@ -137,7 +137,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
                       options=rocksdb_options(settings))
     guard = DeliveryGuard(lambda exc: fail(exc, "an output was not delivered"))
     store = TableStateStore(table, guard)
-    publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic, guard)
+    publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic, guard,
+                          dead_letter_budget(settings.producer_batch_bytes, app.conf.producer_max_request_size))
 
     async def events_end(partition: int) -> int:
         """Exact end offset of an events partition (the consumer probes it on the embedded broker)."""
@@ -145,7 +146,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
         return (await app.consumer.highwaters(tp))[tp]
 
     processor = BatchProcessor(model, store, publisher, metrics, events_end, settings.events_topic,
-                               reset_mismatched=settings.on_model_mismatch == "reset")
+                               reset_mismatched=settings.on_model_mismatch == "reset",
+                               partitions_of=lambda topic: app.consumer.topic_partitions(topic) or settings.partitions)
     health = WorkerHealth()
 
     def on_batch(records: Sequence[SourceRecord]) -> Awaitable[None]:
@@ -153,8 +155,9 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
 
         An unexpected error stops the whole worker (SIGTERM to itself: a graceful
         stop that commits only what was fully processed) rather than leaving a
-        live process that no longer makes progress.  Bad input never gets
-        here as an error: it is dead-lettered by the processor.
+        live process that no longer makes progress.  No record's failure gets
+        here: the processor dead-letters the record (bad input, or
+        ``unprocessable``), so what does is the worker's own (state, broker, model).
         """
         try:
             prepared = processor.prepare(records)

@@ -39,7 +39,8 @@ from models.events import EVENT_TYPES
 INVALID_REASONS: tuple[str, ...] = (
     "malformed_json", "missing_value", "missing_field", "wrong_type", "unknown_type", "oversized",
     "field_too_long", "bad_key", "key_mismatch", "bad_timestamp", "future_timestamp", "bad_price",
-    "out_of_order", "unknown_control",
+    "out_of_order", "unknown_control", "bad_encoding", "duplicate_key", "too_deep", "number_out_of_range",
+    "bad_id", "wrong_partition", "unprocessable",
 )
 #: Why an event was not applied although it is valid (effectively-once rules).
 SKIP_REASONS: tuple[str, ...] = ("redelivered", "duplicate_event")
