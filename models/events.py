@@ -12,9 +12,11 @@ Nothing here knows about Kafka: an event is plain data.
 from __future__ import annotations
 
 import math
+import re
 import time
+import unicodedata
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 #: The canonical event types, in the column order of every intent vector.
@@ -27,6 +29,15 @@ MAX_ID_CHARS = 128
 MAX_FUTURE_SKEW_MS = 24 * 3600 * 1000
 #: 2000-01-01T00:00:00Z; earlier stamps are almost always seconds sent as ms.
 MIN_TIMESTAMP_MS = 946_684_800_000
+#: RFC 3339 date-time (section 5.6), offset required: what every producer's ISO formatter writes,
+#: without the ISO 8601 variants ``datetime.fromisoformat`` also takes (basic format, week dates,
+#: no seconds, space separator) that a consumer in another language may read differently.
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+                      r"(?:([Zz])|([+-])(\d{2}):(\d{2}))", re.ASCII)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MILLISECOND = timedelta(milliseconds=1)
+#: Unicode categories an id may not hold: control characters, and lone surrogates (not UTF-8 encodable).
+_FORBIDDEN_ID_CATEGORIES = frozenset({"Cc", "Cs"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +78,18 @@ def _require_id(obj: dict[str, Any], field: str, *, optional: bool = False) -> s
         raise EventError("missing_field", f"field {field!r} must not be empty")
     if len(value) > MAX_ID_CHARS:
         raise EventError("field_too_long", f"field {field!r} is longer than {MAX_ID_CHARS} characters")
+    if not value.strip():
+        raise EventError("bad_id", f"field {field!r} is blank")
+    if not value.isprintable():  # the fast path: printable text holds no control character or surrogate
+        for char in value:
+            if unicodedata.category(char) in _FORBIDDEN_ID_CATEGORIES:
+                raise EventError("bad_id", f"field {field!r} holds {char!r}: ids must be UTF-8 text "
+                                           "without control characters")
     return value
 
 
 def parse_timestamp_ms(value: Any) -> int:
-    """Epoch milliseconds from an int (ms) or an RFC 3339 string.
+    """Epoch milliseconds from an int (ms) or an RFC 3339 string with offset (sub-ms digits truncated).
 
     Floats are refused on purpose: a float epoch is ambiguous (s or ms?) and
     is how NaN and infinity sneak in.
@@ -81,16 +99,21 @@ def parse_timestamp_ms(value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
+        match = _RFC3339.fullmatch(value)
+        if match is None:
+            raise EventError("bad_timestamp", f"timestamp {value[:64]!r} is not RFC 3339 with a UTC offset "
+                                              "(e.g. 2025-10-09T08:53:20.5+02:00)")
+        year, month, day, hour, minute, second, fraction, utc, sign, off_h, off_m = match.groups()
         try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
-            raise EventError("bad_timestamp", f"timestamp {value!r} is not RFC 3339") from None
-        if parsed.tzinfo is None:
-            raise EventError("bad_timestamp", f"timestamp {value!r} has no UTC offset")
-        return int(round(parsed.timestamp() * 1000))
+            if not utc and (int(off_h) > 23 or int(off_m) > 59):
+                raise ValueError(f"UTC offset {sign}{off_h}:{off_m} out of range")
+            moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                              tzinfo=timezone.utc)
+        except ValueError as exc:
+            raise EventError("bad_timestamp", f"timestamp {value!r} is not a valid date-time: {exc}") from None
+        offset_min = 0 if utc else (1 if sign == "+" else -1) * (int(off_h) * 60 + int(off_m))
+        millis = int((fraction or "")[:3].ljust(3, "0"))
+        return (moment - _EPOCH) // _MILLISECOND - offset_min * 60_000 + millis
     raise EventError("wrong_type", "timestamp must be epoch milliseconds (int) or an RFC 3339 string")
 
 
@@ -132,7 +155,10 @@ def event_from_dict(obj: Any, *, now_ms: int | None = None) -> Event:
             raise EventError("wrong_type", "field 'price' must be a number or null")
         if not math.isfinite(price) or price < 0:
             raise EventError("bad_price", f"price {price!r} must be a finite, non-negative number")
-        price = float(price)
+        try:
+            price = float(price)
+        except OverflowError:
+            raise EventError("number_out_of_range", "price is beyond the float range") from None
 
     return Event(
         user_id=user_id,  # type: ignore[arg-type]

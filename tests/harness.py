@@ -63,6 +63,7 @@ class Deployment:
             "PROFILESTREAM_PROFILES_TOPIC": f"{self.name}.profiles",
             "PROFILESTREAM_DLQ_TOPIC": f"{self.name}.dlq",
             "PROFILESTREAM_PARTITIONS": str(self.partitions),
+            "PROFILESTREAM_REPLICATION_FACTOR": "1",  # the embedded broker is one node
             "PROFILESTREAM_DATA_DIR": str(data_dir),
             "PROFILESTREAM_WEB_PORT": str(web_port),
             "PROFILESTREAM_EMBEDDED_BROKER": "1",

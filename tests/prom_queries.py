@@ -33,13 +33,15 @@ class Query:
     expr: str
 
 
-def dashboard_queries(rate_interval: str = "1m") -> list[Query]:
-    """The dashboard's target expressions, ``$__rate_interval`` replaced by ``rate_interval``."""
+def dashboard_queries(rate_interval: str = "1m", instance: str = ".*") -> list[Query]:
+    """The dashboard's target expressions as Grafana sends them: ``$__rate_interval``
+    replaced by ``rate_interval`` and the ``$instance`` variable by ``instance`` (a
+    regex; Grafana's "All" is ``.*``, a multi-value selection ``(a|b)``)."""
     dashboard = json.loads(DASHBOARD.read_text())
     out = []
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
-            expr = target["expr"].replace("$__rate_interval", rate_interval)
+            expr = target["expr"].replace("$__rate_interval", rate_interval).replace("$instance", instance)
             if "$" in expr:
                 raise ValueError(f"panel {panel['title']!r} uses a Grafana variable prometheus cannot resolve: {expr}")
             out.append(Query(f"dashboard: {panel['title']} [{target['refId']}]", expr))

@@ -81,6 +81,8 @@ class EventProducer:
             value = json.dumps(obj, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
             raise EventError("wrong_type", f"event is not JSON-serialisable: {exc}") from None
+        except RecursionError:
+            raise EventError("too_deep", "event nests too deeply to serialise") from None
         checked = check_message(key, value)  # the worker's rule: adds the size limit
         future = self._producer.send(self.topic, value=value, key=key)
         future.add_errback(self._failed, checked.event_id, checked.user_id)

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -57,6 +57,11 @@ class ProfileSubscriber:
         """The user's latest profile, or None if unknown or forgotten."""
         with self._lock:
             return self._profiles.get(user_id)
+
+    def get_many(self, user_ids: Iterable[str]) -> dict[str, Profile | None]:
+        """Each user's latest profile (None if unknown or forgotten), read under one lock acquisition."""
+        with self._lock:
+            return {user_id: self._profiles.get(user_id) for user_id in user_ids}
 
     def profiles(self) -> dict[str, Profile]:
         """A snapshot of all latest profiles (a copy; the subscriber keeps updating its own)."""

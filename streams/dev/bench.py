@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .bench_modes import READY_LINE, RESULT_PREFIX
-from ..state.changelog import partition_for
+from ..pipeline.partitioning import partition_for
 from ..kafka.record_batches import send_records
 
 log = logging.getLogger("profilestream.bench")

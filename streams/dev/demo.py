@@ -145,7 +145,7 @@ def run_demo(opts: DemoOptions) -> None:
     try:
         with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
             settings = Settings.from_env(
-                bootstrap_servers=broker.bootstrap_servers, embedded_broker=True,
+                bootstrap_servers=broker.bootstrap_servers, embedded_broker=True, replication_factor=1,
                 data_dir=workdir / "state", web_port=free_port(), web_host="127.0.0.1")
             log.info("metrics and health on http://127.0.0.1:%d/metrics", settings.web_port)
 

@@ -21,7 +21,8 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
     if settings.ssl_certfile:
-        ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+        ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None,
+                            password=settings.ssl_key_password or None)
     return ctx
 
 
@@ -44,7 +45,7 @@ def kafka_python_options(settings: Settings) -> dict[str, Any]:
                             "security_protocol": settings.security_protocol}
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         opts.update(ssl_cafile=settings.ssl_cafile or None, ssl_certfile=settings.ssl_certfile or None,
-                    ssl_keyfile=settings.ssl_keyfile or None)
+                    ssl_keyfile=settings.ssl_keyfile or None, ssl_password=settings.ssl_key_password or None)
     if settings.security_protocol.startswith("SASL"):
         opts.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
                     sasl_plain_password=settings.sasl_password)

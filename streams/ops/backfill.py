@@ -33,7 +33,8 @@ from models.loaders import FORMATS, load_events
 
 from ..state import codec as state_codec
 from ..pipeline.admission import DEFAULT_MAX_LATENESS_MS, admit
-from ..state.changelog import deliver_records, ensure_changelog, partition_for
+from ..pipeline.partitioning import partition_for
+from ..state.changelog import deliver_records, ensure_changelog
 from ..kafka.group_offsets import beginning_offsets, reset_offsets
 from ..pipeline.profile_message import profile_message
 from ..pipeline.source_record import SourceRecord

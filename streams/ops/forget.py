@@ -11,7 +11,12 @@ it deletes the state (RocksDB and a changelog tombstone) and publishes a
 tombstone (key = user id, value = null) to the compacted profile topic, so
 compaction removes the profile and subscribers drop the user.
 
-The same erase step serves the idle TTL (streams/service/ttl.py).
+The idle TTL (streams/service/ttl.py) erases through the same log: its sweep
+produces *expire requests* -- the same record with header
+``profilestream.control: expire`` and the idle cut-off in
+``profilestream.expire.idle_before_ms`` -- and the owning worker erases the
+user only if the state's last event is still older than the cut-off when the
+request's turn comes.
 """
 
 from __future__ import annotations
@@ -26,10 +31,18 @@ from aiokafka import AIOKafkaProducer
 from models.events import MAX_ID_CHARS
 
 from ..kafka.client_config import aiokafka_options
-from ..pipeline.control import forget_headers
+from ..pipeline.control import Headers, forget_headers
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+async def send_control(producer: AIOKafkaProducer, topic: str, user_ids: Sequence[str], headers: Headers,
+                       partition: int | None = None) -> None:
+    """Produce one control record per user and wait until the broker has them all."""
+    futures = [await producer.send(topic, None, key=user_id.encode(), headers=headers, partition=partition)
+               for user_id in user_ids]
+    await asyncio.gather(*futures)
 
 
 async def request_forget(settings: Settings, user_ids: Sequence[str]) -> None:
@@ -37,10 +50,7 @@ async def request_forget(settings: Settings, user_ids: Sequence[str]) -> None:
     producer = AIOKafkaProducer(**aiokafka_options(settings), acks="all")
     await producer.start()
     try:
-        futures = [await producer.send(settings.events_topic, None, key=user_id.encode(),
-                                       headers=forget_headers())
-                   for user_id in user_ids]
-        await asyncio.gather(*futures)
+        await send_control(producer, settings.events_topic, user_ids, forget_headers())
     finally:
         await producer.stop()
 

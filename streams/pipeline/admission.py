@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..state.codec import BACKFILLED, RECENT_EVENT_IDS, StateRecord, event_id_hash
+from ..state.codec import BACKFILLED, RECENT_EVENT_IDS, StateRecord, event_id_hash, legacy_event_id_hash
 from .validate import Accepted, Rejection
 
 #: Default tolerance for events older than the user's last applied event.
@@ -45,6 +45,8 @@ class Admission:
     backfilled: int = 0
     rejected: list[Rejection] = field(default_factory=list)
     recent_ids: tuple[int, ...] = ()
+    #: What is left of a format-1 record's ids (streams/state/codec.py), to store again.
+    legacy_ids: tuple[int, ...] = ()
     last_offset: int = -1
 
 
@@ -54,6 +56,7 @@ def admit(items: list[Accepted], stored: StateRecord | None, last_timestamp_ms: 
     out = Admission()
     last_offset = stored.last_offset if stored else -1
     recent = list(stored.recent_event_ids) if stored else []
+    legacy = list(stored.legacy_event_ids) if stored else []
     newest_ts = last_timestamp_ms
     cutover = last_timestamp_ms if stored is not None and stored.last_offset == BACKFILLED else None
     for item in items:
@@ -66,7 +69,7 @@ def admit(items: list[Accepted], stored: StateRecord | None, last_timestamp_ms: 
                 continue
             cutover = None
         id_hash = event_id_hash(item.event.event_id)
-        if id_hash in recent:
+        if id_hash in recent or (legacy and legacy_event_id_hash(item.event.event_id) in legacy):
             out.duplicates += 1
             last_offset = item.record.offset
             continue
@@ -81,8 +84,10 @@ def admit(items: list[Accepted], stored: StateRecord | None, last_timestamp_ms: 
         out.apply.append(item)
         recent.append(id_hash)
         del recent[:-RECENT_EVENT_IDS]
+        del legacy[:len(legacy) - max(0, RECENT_EVENT_IDS - len(recent))]  # the oldest ids go first
         last_offset = item.record.offset
         newest_ts = ts if newest_ts is None else max(newest_ts, ts)
     out.recent_ids = tuple(recent)
+    out.legacy_ids = tuple(legacy)
     out.last_offset = last_offset
     return out

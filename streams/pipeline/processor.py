@@ -8,11 +8,26 @@
 batch while this one's model step runs in the model thread
 (streams/kafka/fetcher.py).
 
-Forget requests (control records, streams/pipeline/control.py) split a batch: the
-events before one are applied, then the user is erased, then the events after
-it are applied -- the order the partition has them in.  Erasing (requested or
-by the idle TTL) and batches take one lock, so an erase never lands between a
-batch's state write and its profile publish.
+Control records (forget and TTL expire requests, streams/pipeline/control.py) split a
+batch: the events before one are applied, then the user is erased, then the
+events after it are applied -- the order the partition has them in.  Erasing
+happens only here, inside a batch, so it is committed like events and never
+lands between a batch's state write and its profile publish.
+
+Record isolation: no exception one record causes may stop the worker (it
+would read the record again after the restart, and stop again).  So an
+attempt at a batch first *stages* everything it would write -- state records,
+changelog records, profiles, tombstones, dead letters -- in memory, reading
+state through what the attempt itself staged, and only a staged attempt that
+succeeded is emitted.  When a record-dependent step fails (admission,
+featurisation, the model step, state encoding, profile messages), nothing has
+been written: the records responsible are found by bisection (the shortest
+failing prefix of the batch ends with one), dead-lettered as
+``unprocessable`` with the exception, and the rest staged again and emitted.
+A failure that is not any record's still stops the worker: reading state
+(RocksDB, a corrupt or another model's state record), emitting (RocksDB, the
+broker), and a model step that fails for a known-good canary event too
+(docs/reliability.md lists which is which).
 
 The processor knows the model only through its step API (``prepare_advance``,
 ``predict`` and the state codec) and Kafka only through
@@ -29,22 +44,22 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
 
 import numpy as np
 
 from models import ProfileModel, StepResult, UserState
-from models.events import EventError
+from models.events import MIN_TIMESTAMP_MS, Event, EventError
 
 from ..state import codec as state_codec
+from ..state.codec import StateRecord
 from .admission import DEFAULT_MAX_LATENESS_MS, Admission, admit
+from .control import ControlRequest, control_request, is_control
 from .grouping import UserBatch, group_by_user
-from .control import forget_target, is_control
-from .model_guard import ModelMismatchError, mismatch_message
+from .model_guard import ModelMismatchError, StateAheadOfLogError, ahead_message, mismatch_message
 from .profile_message import profile_message
 from .source_record import SourceRecord
-from ..state.codec import StateRecord
-from .validate import Rejection, validate_batch
+from .validate import Rejection, check_partition, unprocessable, validate_batch
 
 if TYPE_CHECKING:  # the worker's Prometheus metrics import faust's side (streams/internals.py)
     from ..service.metrics import Metrics
@@ -63,12 +78,12 @@ class Publisher(Protocol):
 
     async def profiles(self, items: Sequence[tuple[str, bytes]]) -> None: ...
     async def tombstone(self, user_id: str) -> None: ...
-    async def dead_letter(self, rejection: Rejection) -> None: ...
+    async def dead_letter(self, rejection: Rejection) -> asyncio.Future: ...
 
 
 @dataclass(slots=True)
 class Run:
-    """Consecutive records of one kind: forget requests, or events (validated and grouped by user)."""
+    """Consecutive records of one kind: control records, or events (validated and grouped by user)."""
 
     records: list[SourceRecord]
     control: bool
@@ -100,27 +115,79 @@ class BatchReport:
     max_latency_s: float = 0.0
 
 
+@dataclass(slots=True)
+class StagedRun:
+    """What one run writes, in memory until its batch's attempt has succeeded (see the module docstring)."""
+
+    #: Partition -> (user key, state record) to put, or (user key, None) to delete.
+    states: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
+    #: (user id, profile message), or (user id, None) for a tombstone, in publish order.
+    profiles: list[tuple[str, bytes | None]] = field(default_factory=list)
+    #: Erased users per partition and why (``request``, ``ttl``), for the log and metrics.
+    erased: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StagedBatch:
+    """A whole attempt at a batch: its runs' writes, its dead letters, and what to report."""
+
+    runs: list[StagedRun] = field(default_factory=list)
+    dead_letters: list[Rejection] = field(default_factory=list)
+    report: BatchReport = field(default_factory=BatchReport)
+    type_counts: Counter[str] = field(default_factory=Counter)
+    step_seconds: float = 0.0
+    #: Source timestamps (ms) of the applied events: their latency is taken when emitted.
+    source_ts: list[np.ndarray] = field(default_factory=list)
+    #: (partition, user key) -> state record staged by an earlier run (None: deleted).
+    overlay: dict[tuple[int, bytes], bytes | None] = field(default_factory=dict)
+
+
+class RecordFailure(Exception):
+    """A record-dependent step raised ``cause``: the batch's records are searched for the culprit."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
+#: A known-good event, run through the model when a batch fails, to tell a record's failure
+#: from the model's own (docs/reliability.md).
+CANARY_EVENT = Event("profilestream-canary", "view", "canary-item", "canary-category", MIN_TIMESTAMP_MS,
+                     None, "canary")
+
+
 class BatchProcessor:
     """Applies micro-batches of raw records to user state and publishes profiles."""
 
     def __init__(self, model: ProfileModel, store: StateStore, publisher: Publisher, metrics: Metrics,
-                 max_lateness_ms: int = DEFAULT_MAX_LATENESS_MS, reset_mismatched: bool = False) -> None:
+                 events_end: Callable[[int], Awaitable[int]], events_topic: str,
+                 max_lateness_ms: int = DEFAULT_MAX_LATENESS_MS, reset_mismatched: bool = False,
+                 partitions_of: Callable[[str], int | None] = lambda topic: None) -> None:
         self.model = model
         self.store = store
         self.publisher = publisher
         self.metrics = metrics
         self.max_lateness_ms = max_lateness_ms
-        #: PROFILESTREAM_ON_MODEL_MISMATCH=reset: another model's state is discarded
-        #: (the user starts afresh) instead of stopping the worker.
+        #: PROFILESTREAM_ON_MODEL_MISMATCH=reset: another model's state, or one ahead of its
+        #: events partition's end, is discarded (the user starts afresh) instead of stopping the worker.
         self.reset_mismatched = reset_mismatched
+        #: The current end offset of an events partition (asked only when a state claims
+        #: an offset at or past a record's: see :meth:`_ahead_of_log`).
+        self.events_end = events_end
+        self.events_topic = events_topic
+        #: Partition -> an end offset seen; states below it need no new question.
+        self.known_end: dict[int, int] = {}
         #: Called after every batch with its report and latencies (the demo's live summary).
         self.listeners: list[Callable[[BatchReport, np.ndarray], None]] = []
         #: partition -> (offset, timestamp ms) of the last record processed (for lag).
         self.progress: dict[int, tuple[int, int]] = {}
-        #: Held by every batch and every erase (see the module docstring).
+        #: One batch at a time reads and writes state: the batch consumer keeps one in
+        #: flight, and this makes it a property of the processor whoever calls it.
         self.lock = asyncio.Lock()
         #: Runs the model step, one at a time (see :meth:`prepare`).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model-step")
+        #: A topic's partition count, to catch keys on the wrong partition (None: not checked).
+        self.partitions_of = partitions_of
 
     def prepare(self, records: Sequence[SourceRecord]) -> PreparedBatch:
         """Validate and group a batch: the steps that read no state, so they may run while
@@ -131,33 +198,28 @@ class BatchProcessor:
         for control, group in itertools.groupby(records, key=is_control):
             run = Run(list(group), control)
             if not control:
-                accepted, run.rejected = validate_batch(run.records, now_ms)
+                accepted, run.rejected = validate_batch(run.records, now_ms, self.partitions_of)
                 run.users = [u for users in group_by_user(accepted).values() for u in users]
             runs.append(run)
         return PreparedBatch(records, runs, time.perf_counter() - started)
 
     async def apply(self, batch: PreparedBatch) -> BatchReport:
-        """The steps that read and write state, run by run in record order."""
+        """The steps that read and write state, run by run in record order: staged, then emitted."""
         async with self.lock:
             started = time.perf_counter() - batch.prepare_seconds
-            records = batch.records
-            report = BatchReport(records=len(records))
-            type_counts: Counter[str] = Counter()
-            step_seconds = 0.0
-            latencies = [np.zeros(0)]
-            for run in batch.runs:
-                if run.control:
-                    await self._forget_requested(run.records, report)
-                    continue
-                counts, seconds, lat = await self._apply(run, report)
-                type_counts += counts
-                step_seconds += seconds
-                latencies.append(lat)
-            all_latencies = np.concatenate(latencies)
-            report.applied = sum(type_counts.values())
+            try:
+                staged = await self._stage(batch.runs)
+            except RecordFailure as failure:
+                staged = await self._isolate(list(batch.records), failure)
+            await self._emit(staged)
+            report, records = staged.report, batch.records
+            source_ts = np.concatenate(staged.source_ts) if staged.source_ts else np.zeros(0, np.int64)
+            all_latencies = (time.time() * 1000 - source_ts) / 1000.0
+            report.records = len(records)
+            report.applied = sum(staged.type_counts.values())
             report.max_latency_s = float(all_latencies.max()) if all_latencies.size else 0.0
             self.metrics.observe_batch(
-                type_counts=type_counts, batch_size=len(records), step_seconds=step_seconds,
+                type_counts=staged.type_counts, batch_size=len(records), step_seconds=staged.step_seconds,
                 batch_seconds=time.perf_counter() - started, latencies_s=all_latencies,
                 profiles_published=report.users)
             if report.redelivered:
@@ -172,90 +234,238 @@ class BatchProcessor:
                 listener(report, all_latencies)
             return report
 
-    async def expire_idle(self, partitions: Sequence[int], idle_users: Callable[[int], list[str]]) -> int:
-        """Erase the users ``idle_users(partition)`` names (the TTL sweep); returns how many."""
-        async with self.lock:
-            erased = 0
-            for partition in partitions:
-                users = idle_users(partition)
-                await self._erase(partition, users, "ttl")
-                erased += len(users)
-            return erased
+    async def _stage(self, runs: list[Run]) -> StagedBatch:
+        """One attempt at a batch, every output staged (nothing written); :class:`RecordFailure`
+        if a record-dependent step raised."""
+        staged = StagedBatch()
+        for run in runs:
+            if run.control:
+                staged.runs.append(await self._stage_control(run.records, staged))
+            else:
+                staged.runs.append(await self._stage_events(run, staged))
+        return staged
 
-    async def _apply(self, run: Run, report: BatchReport) -> tuple[Counter[str], float, np.ndarray]:
-        """The pipeline for a run of events: (applied per type, model seconds, latencies)."""
-        users, rejected = run.users, list(run.rejected)
-        stored = self._lookup(users)
-        admissions = [self._admit(u, rec, state) for u, (rec, state) in zip(users, stored)]
-        for adm in admissions:
-            rejected.extend(adm.rejected)
-            report.redelivered += adm.redelivered
-            report.duplicates += adm.duplicates
-            report.backfilled += adm.backfilled
+    async def _isolate(self, records: list[SourceRecord], failure: RecordFailure) -> StagedBatch:
+        """Stage the batch without the records that make it fail, dead-lettered as ``unprocessable``.
 
-        todo = [i for i, adm in enumerate(admissions) if adm.apply]
-        step_seconds = 0.0
-        result = None
-        if todo:
-            t0 = time.perf_counter()
-            step = self.model.prepare_advance([stored[i][1] for i in todo],
-                                              [[a.event for a in admissions[i].apply] for i in todo])
-            # torch releases the GIL: while the step runs in the model thread, the fetch
-            # loop fetches and prepares the next batch.
+        Staging is pure, so any subset can be tried.  A prefix of the batch
+        that fails and is one record longer than one that succeeds ends with
+        a culprit (it fails there in the context of the records before it);
+        bisection finds the shortest such prefix, the culprit leaves, and the
+        search goes on from there until the rest stages.  A model that fails
+        on the canary event too is not failing because of a record: the
+        worker stops.
+        """
+        if not await self._model_works():
+            raise failure.cause
+        culprits: list[Rejection] = []
+        error, good = failure.cause, 0  # records[:good] stage; records as a whole do not
+        while True:
+            bad = len(records)
+            while bad - good > 1:
+                mid = (good + bad) // 2
+                try:
+                    await self._stage(self.prepare(records[:mid]).runs)
+                    good = mid
+                except RecordFailure as again:
+                    bad, error = mid, again.cause
+            culprits.append(unprocessable(records.pop(bad - 1), error))
+            good = bad - 1
+            try:
+                staged = await self._stage(self.prepare(records).runs)
+                break
+            except RecordFailure as again:
+                error = again.cause
+        staged.dead_letters.extend(culprits)
+        return staged
+
+    async def _model_works(self) -> bool:
+        """Whether the model still advances, encodes and describes a known-good user (the canary)."""
+        try:
+            step = self.model.prepare_advance([None], [[CANARY_EVENT]])
             result = await asyncio.get_running_loop().run_in_executor(self._model_thread, step)
-            step_seconds = time.perf_counter() - t0
+            state = result.states[0]
+            self.model.encode_state(state)
+            profile_message(CANARY_EVENT.user_id, self.model.version, 0, state.n_events, state.last_timestamp_ms,
+                            result.profile[0], result.intent[0], result.top_categories[0])
+        except Exception as exc:  # noqa: BLE001 - the verdict: the batch's failure is the model's
+            log.error("the model fails on the canary event too (%r): not a record's failure", exc, exc_info=exc)
+            return False
+        return True
 
-        await self._write_state(users, admissions, stored, todo, result)
-        await self._dead_letter(rejected, report)
-        published_ms = await self._publish([users[i].user_id for i in todo], result)
-        resend = [i for i, adm in enumerate(admissions)
-                  if adm.redelivered and not adm.apply and stored[i][1] is not None]
-        if resend:
-            await self._publish([users[i].user_id for i in resend],
-                                self.model.predict([stored[i][1] for i in resend]))
+    async def _emit(self, staged: StagedBatch) -> None:
+        """Write what an attempt staged.  Dead letters go first and are awaited: a state
+        written past a dead-lettered record (out_of_order, unprocessable) makes a redelivery
+        skip that record, so its dead letter must be on the broker before."""
+        await self._dead_letter(staged.dead_letters, staged.report)
+        for run in staged.runs:
+            await self._emit_run(run)
+
+    async def _emit_run(self, run: StagedRun) -> None:
+        for partition, items in run.states.items():
+            puts = [(key, value) for key, value in items if value is not None]
+            if puts:
+                await self.store.put_many(partition, puts)
+            deletes = [key for key, value in items if value is None]
+            if deletes:
+                await self.store.delete_many(partition, deletes)
+        profiles = [(user, value) for user, value in run.profiles if value is not None]
+        if profiles:
+            await self.publisher.profiles(profiles)  # type: ignore[arg-type]
+        for user, value in run.profiles:
+            if value is None:
+                await self.publisher.tombstone(user)
+        for partition, n, cause in run.erased:
+            self.metrics.count_forgotten(cause, n)
+            log.info("erased %d users of partition %d (%s)", n, partition, cause)
+
+    async def _stage_events(self, run: Run, staged: StagedBatch) -> StagedRun:
+        """Stage the pipeline for a run of events: state records, profiles, dead letters, counts."""
+        out = StagedRun()
+        users, report = run.users, staged.report
+        stored = self._lookup(users, staged.overlay)  # not the records': RocksDB, stored state (stops the worker)
+        for i, user in enumerate(users):
+            record = stored[i][0]
+            if record is not None and record.last_offset >= user.items[0].record.offset \
+                    and await self._ahead_of_log(user.partition, record.last_offset, f"user {user.user_id!r}"):
+                stored[i] = (None, None)
+        try:
+            admissions = [self._admit(u, rec, state) for u, (rec, state) in zip(users, stored)]
+            rejected = list(run.rejected)
+            for adm in admissions:
+                rejected.extend(adm.rejected)
+                report.redelivered += adm.redelivered
+                report.duplicates += adm.duplicates
+                report.backfilled += adm.backfilled
+            todo = [i for i, adm in enumerate(admissions) if adm.apply]
+            result = None
+            if todo:
+                t0 = time.perf_counter()
+                step = self.model.prepare_advance([stored[i][1] for i in todo],
+                                                  [[a.event for a in admissions[i].apply] for i in todo])
+                # torch releases the GIL: while the step runs in the model thread, the fetch
+                # loop fetches and prepares the next batch.
+                result = await asyncio.get_running_loop().run_in_executor(self._model_thread, step)
+                staged.step_seconds += time.perf_counter() - t0
+            self._stage_states(out, staged.overlay, users, admissions, stored, todo, result)
+            now_ms = int(time.time() * 1000)
+            self._stage_profiles(out, [users[i].user_id for i in todo], result, now_ms)
+            resend = [i for i, adm in enumerate(admissions)
+                      if adm.redelivered and not adm.apply and stored[i][1] is not None]
+            if resend:
+                self._stage_profiles(out, [users[i].user_id for i in resend],
+                                     self.model.predict([stored[i][1] for i in resend]), now_ms)
+        except Exception as exc:
+            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+                raise  # the batch's size, not a record (torch names its CUDA/CPU OOM so)
+            raise RecordFailure(exc) from exc
+        staged.dead_letters.extend(rejected)
         report.users += len(todo)
-        source_ts = np.fromiter((a.record.timestamp_ms for i in todo for a in admissions[i].apply),
-                                dtype=np.int64)
-        return (Counter(a.event.type for i in todo for a in admissions[i].apply), step_seconds,
-                (published_ms - source_ts) / 1000.0)
+        staged.type_counts.update(a.event.type for i in todo for a in admissions[i].apply)
+        staged.source_ts.append(np.fromiter((a.record.timestamp_ms for i in todo for a in admissions[i].apply),
+                                            dtype=np.int64))
+        return out
 
-    async def _forget_requested(self, records: list[SourceRecord], report: BatchReport) -> None:
-        """Erase the users of a run of forget requests.
+    async def _stage_control(self, records: list[SourceRecord], staged: StagedBatch) -> StagedRun:
+        """Stage the erasures a run of control records asks for, request by request, in order.
 
         A redelivered request (crash or rebalance before its offset was
         committed) must not erase what events *after* it built: if the user's
-        state has applied an offset beyond the request's, it was honoured already.
+        state has applied an offset beyond the request's, it was honoured
+        already.  An expire request spares a user whose last event is not
+        older than its cut-off: events that waited in the log before it
+        were applied first.  A user with no state is erased all the same, for
+        its tombstones: a crash may have come between the local delete and them.
         """
-        rejected: list[Rejection] = []
-        requests: dict[int, dict[str, SourceRecord]] = {}
+        out = StagedRun()
+        requests: dict[int, list[tuple[SourceRecord, ControlRequest]]] = {}
         for record in records:
             try:
-                requests.setdefault(record.partition, {})[forget_target(record)] = record
+                request = control_request(record)
+                partitions = self.partitions_of(record.topic)
+                if partitions is not None:
+                    check_partition(record, partitions)
+                requests.setdefault(record.partition, []).append((record, request))
             except EventError as exc:
-                rejected.append(Rejection(record, exc.reason, str(exc)))
-        for partition, by_user in requests.items():
-            stored = self.store.get_many(partition, [user.encode() for user in by_user])
-            doomed = []
-            for (user, record), value in zip(by_user.items(), stored):
-                if value is not None and state_codec.decode(value).last_offset > record.offset:
-                    report.redelivered += 1
-                else:
-                    doomed.append(user)
-            await self._erase(partition, doomed, "request")
-            report.forgotten += len(doomed)
-        await self._dead_letter(rejected, report)
+                staged.dead_letters.append(Rejection(record, exc.reason, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - isolation: one record's failure must not stop the worker
+                staged.dead_letters.append(unprocessable(record, exc))
+        for partition, pending in requests.items():
+            users = list(dict.fromkeys(request.user_id for _, request in pending))
+            stored = dict(zip(users, self._get_many(partition, [user.encode() for user in users], staged.overlay)))
+            doomed: dict[str, str] = {}
+            for record, request in pending:
+                value = None if request.user_id in doomed else stored[request.user_id]
+                if await self._honoured(partition, record, request, value):
+                    staged.report.redelivered += 1
+                    continue
+                if value is not None and request.idle_before_ms is not None and not self._idle(
+                        state_codec.decode(value), request.idle_before_ms):
+                    log.debug("user %r: active since the expire request's cut-off; kept", request.user_id)
+                    continue
+                doomed[request.user_id] = request.cause
+            for cause in sorted(set(doomed.values())):
+                erased = [user for user, c in doomed.items() if c == cause]
+                self._stage_erase(out, staged.overlay, partition, erased, cause)
+                staged.report.forgotten += len(erased)
+        return out
 
-    async def _erase(self, partition: int, user_ids: list[str], cause: str) -> None:
-        """Delete the users' state (RocksDB + changelog tombstone) and tombstone their profiles."""
+    async def _honoured(self, partition: int, record: SourceRecord, request: ControlRequest,
+                        value: bytes | None) -> bool:
+        """Whether the user's state shows events after ``record`` applied: the request was applied before."""
+        if value is None:
+            return False
+        applied = state_codec.decode(value).last_offset
+        return applied > record.offset and not await self._ahead_of_log(
+            partition, applied, f"user {request.user_id!r}")
+
+    def _idle(self, record: StateRecord, idle_before_ms: int) -> bool:
+        """Whether a state's last event is older than the cut-off.  Another model's state is left to
+        PROFILESTREAM_ON_MODEL_MISMATCH (its codec may not be this model's), so it never counts as idle."""
+        if record.fingerprint != self.model.fingerprint:
+            return False
+        return self.model.decode_state(record.model_state).last_timestamp_ms < idle_before_ms
+
+    async def _ahead_of_log(self, partition: int, applied: int, whose: str) -> bool:
+        """Whether a state's applied offset lies at or beyond the events partition's end.
+
+        Such a state was built from a topic that has since been recreated or
+        truncated: its offset would make new events look redelivered.  With
+        the reset policy it is discarded (True); otherwise the worker stops.
+        """
+        if applied < self.known_end.get(partition, 0):
+            return False
+        end = self.known_end[partition] = await self.events_end(partition)
+        if applied < end:
+            return False
+        message = ahead_message(f"the stored state of {whose}", self.events_topic, partition, applied, end)
+        if not self.reset_mismatched:
+            raise StateAheadOfLogError(message)
+        log.warning("%s; discarding it (PROFILESTREAM_ON_MODEL_MISMATCH=reset)", message)
+        return True
+
+    @staticmethod
+    def _stage_erase(out: StagedRun, overlay: dict[tuple[int, bytes], bytes | None], partition: int,
+                     user_ids: list[str], cause: str) -> None:
         if not user_ids:
             return
-        await self.store.delete_many(partition, [user.encode() for user in user_ids])
+        deletes = out.states.setdefault(partition, [])
         for user in user_ids:
-            await self.publisher.tombstone(user)
-        self.metrics.count_forgotten(cause, len(user_ids))
-        log.info("erased %d users of partition %d (%s)", len(user_ids), partition, cause)
+            key = user.encode()
+            deletes.append((key, None))
+            overlay[(partition, key)] = None
+            out.profiles.append((user, None))
+        out.erased.append((partition, len(user_ids), cause))
 
-    def _lookup(self, users: list[UserBatch]) -> list[tuple[StateRecord | None, UserState | None]]:
+    def _get_many(self, partition: int, keys: list[bytes],
+                  overlay: dict[tuple[int, bytes], bytes | None]) -> list[bytes | None]:
+        """Stored values as this attempt sees them: what it staged, else RocksDB (one multi-get)."""
+        missing = [key for key in keys if (partition, key) not in overlay]
+        found = dict(zip(missing, self.store.get_many(partition, missing))) if missing else {}
+        return [overlay[(partition, key)] if (partition, key) in overlay else found[key] for key in keys]
+
+    def _lookup(self, users: list[UserBatch], overlay: dict[tuple[int, bytes], bytes | None]
+                ) -> list[tuple[StateRecord | None, UserState | None]]:
         """State lookup: one multi-get per partition, then decode envelope and model state."""
         out: list[tuple[StateRecord | None, UserState | None]] = []
         by_partition: dict[int, list[int]] = {}
@@ -263,7 +473,7 @@ class BatchProcessor:
             by_partition.setdefault(user.partition, []).append(i)
         raw: list[bytes | None] = [None] * len(users)
         for partition, idxs in by_partition.items():
-            for i, value in zip(idxs, self.store.get_many(partition, [users[i].key for i in idxs])):
+            for i, value in zip(idxs, self._get_many(partition, [users[i].key for i in idxs], overlay)):
                 raw[i] = value
         for user, value in zip(users, raw):
             if value is None:
@@ -284,9 +494,10 @@ class BatchProcessor:
     def _admit(self, user: UserBatch, record: StateRecord | None, state: UserState | None) -> Admission:
         return admit(user.items, record, state.last_timestamp_ms if state else None, self.max_lateness_ms)
 
-    async def _write_state(self, users: list[UserBatch], admissions: list[Admission],
-                           stored: list[tuple[StateRecord | None, UserState | None]],
-                           todo: list[int], result: object) -> None:
+    def _stage_states(self, out: StagedRun, overlay: dict[tuple[int, bytes], bytes | None],
+                      users: list[UserBatch], admissions: list[Admission],
+                      stored: list[tuple[StateRecord | None, UserState | None]],
+                      todo: list[int], result: StepResult | None) -> None:
         """State write: new model state (or just the advanced offset) per user, one batch per partition.
 
         A user whose events were redelivered gets their stored record written
@@ -294,10 +505,9 @@ class BatchProcessor:
         never have reached the broker, and the offsets are about to be
         committed past it -- without this the next owner of the partition
         would recover a state that misses those events.  The same reason
-        makes :meth:`_apply` publish their current profile again.
+        makes :meth:`_stage_events` publish their current profile again.
         """
         new_states: dict[int, UserState] = dict(zip(todo, result.states)) if result is not None else {}
-        writes: dict[int, list[tuple[bytes, bytes]]] = {}
         for i, (user, adm) in enumerate(zip(users, admissions)):
             if i in new_states:
                 model_state = self.model.encode_state(new_states[i])
@@ -306,29 +516,30 @@ class BatchProcessor:
             else:
                 continue
             value = state_codec.encode(StateRecord(
-                self.model.fingerprint, adm.last_offset, adm.recent_ids, model_state))
-            writes.setdefault(user.partition, []).append((user.key, value))
-        for partition, items in writes.items():
-            await self.store.put_many(partition, items)
+                self.model.fingerprint, adm.last_offset, adm.recent_ids, model_state, adm.legacy_ids))
+            out.states.setdefault(user.partition, []).append((user.key, value))
+            overlay[(user.partition, user.key)] = value
 
     async def _dead_letter(self, rejected: list[Rejection], report: BatchReport) -> None:
+        """Send the dead letters and wait until the broker has them (see :meth:`_emit`)."""
         reasons: Counter[str] = Counter()
+        deliveries = []
         for rejection in rejected:
-            await self.publisher.dead_letter(rejection)
+            deliveries.append(await self.publisher.dead_letter(rejection))
             reasons[rejection.reason] += 1
+        if deliveries:
+            await asyncio.gather(*deliveries)
         report.rejected.update(reasons)
         for reason, n in reasons.items():
             self.metrics.count_invalid(reason, n)
             log.debug("dead-lettered %d records: %s", n, reason)
 
-    async def _publish(self, user_ids: list[str], result: StepResult | None) -> int:
-        """Publish the profile of each user (row i of ``result``); returns the publish time in ms."""
-        now_ms = int(time.time() * 1000)
+    def _stage_profiles(self, out: StagedRun, user_ids: list[str], result: StepResult | None, now_ms: int) -> None:
+        """Stage the profile message of each user (row i of ``result``), stamped ``now_ms``."""
         if user_ids:
             version = self.model.version
-            await self.publisher.profiles([
+            out.profiles.extend(
                 (user_id, profile_message(user_id, version, now_ms, state.n_events, state.last_timestamp_ms,
                                           profile, intent, top))
                 for user_id, state, profile, intent, top in zip(
-                    user_ids, result.states, result.profile, result.intent, result.top_categories)])
-        return now_ms
+                    user_ids, result.states, result.profile, result.intent, result.top_categories))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Sequence
 
 import faust
+from faust.types import TP
 
 from models import ProfileModel
 
@@ -27,7 +28,7 @@ from .lookup import register_lookup
 from .metrics import Metrics
 from .monitor import sample
 from ..pipeline.processor import BatchProcessor, PreparedBatch
-from ..kafka.publisher import Publisher
+from ..kafka.publisher import Publisher, dead_letter_budget
 from ..pipeline.source_record import SourceRecord
 from ..settings import Settings
 from ..state.store import TableStateStore
@@ -81,10 +82,21 @@ def faust_config(settings: Settings) -> dict[str, object]:
         store="rocksdb://",
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
+        # Every topic faust creates: the table's changelog and its assignor's leader topic.
+        topic_replication_factor=settings.replication_factor,
         table_standby_replicas=settings.standby_replicas,
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,
+        canonical_url=settings.canonical_url,
+        # faust's built-in views serve table contents (/table), routing metadata (/router),
+        # sensor statistics and the service graph with no authentication: none of them is
+        # served (docs/http.md lists what is).
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_max_poll_records=settings.batch_max,
         broker_commit_interval=1.0,
@@ -135,9 +147,17 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
                       options=rocksdb_options(settings))
     guard = DeliveryGuard(lambda exc: fail(exc, "an output was not delivered"))
     store = TableStateStore(table, guard)
-    publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic, guard)
-    processor = BatchProcessor(model, store, publisher, metrics,
-                               reset_mismatched=settings.on_model_mismatch == "reset")
+    publisher = Publisher(app.producer, settings.profiles_topic, settings.dlq_topic, guard,
+                          dead_letter_budget(settings.producer_batch_bytes, app.conf.producer_max_request_size))
+
+    async def events_end(partition: int) -> int:
+        """Exact end offset of an events partition (the consumer probes it on the embedded broker)."""
+        tp = TP(settings.events_topic, partition)
+        return (await app.consumer.highwaters(tp))[tp]
+
+    processor = BatchProcessor(model, store, publisher, metrics, events_end, settings.events_topic,
+                               reset_mismatched=settings.on_model_mismatch == "reset",
+                               partitions_of=lambda topic: app.consumer.topic_partitions(topic) or settings.partitions)
     health = WorkerHealth()
 
     def on_batch(records: Sequence[SourceRecord]) -> Awaitable[None]:
@@ -145,8 +165,9 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
 
         An unexpected error stops the whole worker (SIGTERM to itself: a graceful
         stop that commits only what was fully processed) rather than leaving a
-        live process that no longer makes progress.  Bad input never gets
-        here as an error: it is dead-lettered by the processor.
+        live process that no longer makes progress.  No record's failure gets
+        here: the processor dead-letters the record (bad input, or
+        ``unprocessable``), so what does is the worker's own (state, broker, model).
         """
         try:
             prepared = processor.prepare(records)
@@ -173,7 +194,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)
-    register_lookup(app, store, model, settings)
+    register_lookup(app, store, model, settings, metrics)
 
     @app.timer(settings.monitor_interval_s)
     async def monitor() -> None:
@@ -182,10 +203,11 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     if settings.state_ttl_days > 0:
         @app.timer(settings.state_ttl_sweep_s)
         async def expire_idle_state() -> None:
-            await ttl_sweep(app, settings, processor, store)
+            await ttl_sweep(app, settings, store, model)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: faust.App, assigned: set, **_: object) -> None:
         metrics.count_rebalance()
+        processor.known_end.clear()  # a recreated or truncated topic ends earlier than seen before
     return ProfileStreamApp(settings, app, table, store, processor, metrics, model, health)
 

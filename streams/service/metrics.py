@@ -41,10 +41,14 @@ from ..internals import histogram_add, histogram_bounds
 INVALID_REASONS: tuple[str, ...] = (
     "malformed_json", "missing_value", "missing_field", "wrong_type", "unknown_type", "oversized",
     "field_too_long", "bad_key", "key_mismatch", "bad_timestamp", "future_timestamp", "bad_price",
-    "out_of_order", "unknown_control",
+    "out_of_order", "unknown_control", "bad_encoding", "duplicate_key", "too_deep", "number_out_of_range",
+    "bad_id", "wrong_partition", "unprocessable",
 )
 #: Why an event was not applied although it is valid (effectively-once rules).
 SKIP_REASONS: tuple[str, ...] = ("redelivered", "duplicate_event")
+#: The two kinds of table partitions faust recovers from the changelog: those this worker
+#: owns (it is not ready until they are read) and its standby replicas of others'.
+RECOVERY_KINDS: tuple[str, ...] = ("active", "standby")
 #: Why a user's state was erased: a ``profilestream forget`` request, or the idle TTL.
 FORGET_CAUSES: tuple[str, ...] = ("request", "ttl")
 
@@ -52,6 +56,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1000
 MODEL_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Dense around the 0.5 s p99 SLO (deploy/README.md) so the quantile is sharp there.
+#: Lookups answer in milliseconds; forwarded batches of 1,000 users take tens of them.
+LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: The lookup routes, as the ``endpoint`` label names them (docs/http.md).
+LOOKUP_ENDPOINTS: tuple[str, ...] = ("profile", "profiles")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -148,6 +156,17 @@ class Metrics:
             "profilestream_assigned_partitions", "Partitions of the events topic assigned to this worker.",
             registry=r)
         self.ready = Gauge("profilestream_ready", "1 when the worker serves traffic (see /readyz).", registry=r)
+        self.lookup_requests = Counter(
+            "profilestream_lookup_requests_total",
+            "Profile lookup requests answered, by endpoint (profile: one user, profiles: a batch) and HTTP status.",
+            ["endpoint", "status"], registry=r)
+        self.lookup_seconds = Histogram(
+            "profilestream_lookup_seconds", "Time to answer a profile lookup request, forwarding included.",
+            ["endpoint"], buckets=LOOKUP_BUCKETS, registry=r)
+        self.recovery_remaining = Gauge(
+            "profilestream_recovery_remaining_records",
+            "Changelog records still to be read into the state table (0: recovered), by kind (active, standby).",
+            ["kind"], registry=r)
 
         for kind in EVENT_TYPES:
             self.events_consumed.labels(type=kind)
@@ -157,6 +176,11 @@ class Metrics:
             self.events_skipped.labels(reason=reason)
         for cause in FORGET_CAUSES:
             self.users_forgotten.labels(cause=cause)
+        for endpoint in LOOKUP_ENDPOINTS:  # the error ratio's denominator exists before the first lookup
+            self.lookup_requests.labels(endpoint=endpoint, status="200")
+            self.lookup_seconds.labels(endpoint=endpoint)
+        for kind in RECOVERY_KINDS:
+            self.recovery_remaining.labels(kind=kind)
         # Computed at scrape time, so it keeps growing when the agent dies silently
         # (the NoProgressWithLag alert); counted from start-up until the first batch.
         self._last_batch_at = time.time()
@@ -217,11 +241,20 @@ class Metrics:
     def set_users_in_state(self, n: int) -> None:
         self.users_in_state.set(n)
 
+    def set_recovery_remaining(self, active: int, standby: int) -> None:
+        """Records faust's table recovery still has to read, for owned and standby partitions."""
+        self.recovery_remaining.labels(kind="active").set(active)
+        self.recovery_remaining.labels(kind="standby").set(standby)
+
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
 
     def set_model_info(self, *, version: str, fingerprint: str, device: str) -> None:
         self.model_info.info({"version": version, "fingerprint": fingerprint, "device": device})
+
+    def observe_lookup(self, endpoint: str, status: int, seconds: float) -> None:
+        self.lookup_requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.lookup_seconds.labels(endpoint=endpoint).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every collector in the registry, and its content type."""

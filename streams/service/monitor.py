@@ -1,4 +1,5 @@
-"""Periodic health facts that no batch reports by itself: lag, state size, readiness.
+"""Periodic health facts that no batch reports by itself: lag, state size, readiness,
+table-recovery progress.
 
 Sampled on a timer, not in the processing path, so the figures keep moving
 when processing stalls -- which is exactly when SREs need them.
@@ -30,6 +31,10 @@ async def sample(app: faust.App, settings: Settings, metrics: Metrics, processor
     assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.events_topic]
     metrics.set_assignment((tp.topic, tp.partition) for tp in assigned)
     metrics.set_ready(is_ready(app))
+    # faust's own count (changelog highwater - offset read, per partition); it stays
+    # readable while recovery runs, which is when the monitor must report it.
+    recovery = app.tables.recovery
+    metrics.set_recovery_remaining(recovery.active_remaining_total(), recovery.standby_remaining_total())
     metrics.set_users_in_state(store.count())
     if not assigned or app.rebalancing:
         return

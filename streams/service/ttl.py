@@ -2,34 +2,53 @@
 
 "Last seen" is the timestamp of the last event applied to the user's state --
 event time, the clock the model itself uses -- against the worker's wall
-clock.  A periodic sweep erases each idle user exactly as a forget request
-would (state, changelog tombstone, profile tombstone), under the processor's
-lock so it never interleaves with a batch.
+clock.  A periodic sweep only *finds* idle users: for each it produces an
+expire request (a control record, streams/pipeline/control.py) carrying the cut-off to
+the events partition the state belongs to.  The worker that owns that
+partition applies the request in order with the user's events, like a forget
+request, and erases the user only if the state's last event is still older
+than the cut-off.  So the erasure is
 
-The sweep only runs while the worker is ready: during table recovery a
-partition's RocksDB may still miss the user's newest state, and an old copy
-would look idle when the user is not.
+* durable: the request is in the log before anything is deleted, and its
+  offset is committed only after the state delete, the changelog tombstone
+  and the profile tombstone were delivered -- a crash in between re-reads it;
+* ordered: events that were waiting in the backlog before the request are
+  applied first, and a user they made active is kept;
+* ownership-safe: a sweep reads only partitions this worker owns, and even a
+  stale read (a rebalance under way) can only produce a request that the
+  owner judges against its own, current state.
+
+The sweep reads RocksDB in chunks and yields to the event loop between them,
+so a big table does not hold up batches.  It runs only while the worker is
+ready: during table recovery a partition's RocksDB may still miss the
+user's newest state (harmless, see above, but pointless requests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Iterable
 
 import faust
+from aiokafka import AIOKafkaProducer
 
 from models import ProfileModel
 
-from ..state import codec as state_codec
-from ..pipeline.processor import BatchProcessor
+from ..kafka.client_config import aiokafka_options
+from ..ops.forget import send_control
+from ..pipeline.control import expire_headers
 from ..settings import Settings
+from ..state import codec as state_codec
 from ..state.store import TableStateStore
 from .web import is_ready
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
+#: States decoded between two yields to the event loop.
+SCAN_CHUNK = 1000
 
 
 def idle_users(entries: Iterable[tuple[bytes, bytes]], model: ProfileModel, cutoff_ms: int) -> list[str]:
@@ -48,14 +67,42 @@ def idle_users(entries: Iterable[tuple[bytes, bytes]], model: ProfileModel, cuto
     return idle
 
 
-async def sweep(app: faust.App, settings: Settings, processor: BatchProcessor, store: TableStateStore) -> int:
-    """One sweep over this worker's partitions; returns how many users it erased."""
+def owned_partitions(app: faust.App, settings: Settings) -> set[int]:
+    """Events partitions assigned to this worker now (standby state partitions are not owned)."""
+    return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.events_topic}
+
+
+async def sweep(app: faust.App, settings: Settings, store: TableStateStore, model: ProfileModel) -> int:
+    """One sweep over this worker's partitions; returns how many expire requests it produced."""
     if not is_ready(app):
         return 0
-    partitions = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.events_topic)
     cutoff_ms = int(time.time() * 1000 - settings.state_ttl_days * DAY_MS)
-    erased = await processor.expire_idle(
-        partitions, lambda p: idle_users(store.scan(p), processor.model, cutoff_ms))
-    if erased:
-        log.info("state TTL: erased %d users idle for more than %g days", erased, settings.state_ttl_days)
-    return erased
+    requested = 0
+    producer: AIOKafkaProducer | None = None
+    try:
+        for partition in sorted(owned_partitions(app, settings)):
+            after: bytes | None = None
+            # Ownership is checked before every chunk: a rebalance may take the partition away
+            # while this sweep waits between chunks.
+            while is_ready(app) and partition in owned_partitions(app, settings):
+                chunk = store.scan_chunk(partition, after, SCAN_CHUNK)
+                if not chunk:
+                    break
+                after = chunk[-1][0]
+                idle = idle_users(chunk, model, cutoff_ms)
+                if idle:
+                    if producer is None:
+                        producer = AIOKafkaProducer(**aiokafka_options(settings), acks="all")
+                        await producer.start()
+                    # To the state's partition, whatever a producer's partitioner would pick:
+                    # that is where the owner of this state reads.
+                    await send_control(producer, settings.events_topic, idle, expire_headers(cutoff_ms), partition)
+                    requested += len(idle)
+                await asyncio.sleep(0)
+    finally:
+        if producer is not None:
+            await producer.stop()
+    if requested:
+        log.info("state TTL: requested expiry of %d users idle for more than %g days", requested,
+                 settings.state_ttl_days)
+    return requested

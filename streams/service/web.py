@@ -1,4 +1,4 @@
-"""HTTP endpoints on the worker's faust web server.
+"""HTTP endpoints on the worker's faust web server (docs/http.md lists every route and its auth).
 
 * ``/metrics``  -- Prometheus exposition of :class:`~streams.service.metrics.Metrics`.
 * ``/healthz``  -- liveness: the event loop answers and batch processing has

@@ -12,7 +12,7 @@ from ..lazy_exports import lazy_exports
 _MODULES = {
     ".codec": ["StateRecord", "StateRecordError", "encode", "decode", "event_id_hash"],
     ".store": ["TableStateStore"],
-    ".changelog": ["ChangelogRecord", "deliver_records", "ensure_changelog", "newest_values", "partition_for",
+    ".changelog": ["ChangelogRecord", "deliver_records", "ensure_changelog", "newest_values",
                    "read_latest"],
 }
 

@@ -11,7 +11,7 @@ number as the events-topic partition holding the user's events, because the
 worker stores state under the *source* partition (streams/state/store.py) and
 faust assigns events partition p together with changelog partition p.  Event
 producers use the Kafka default partitioner (murmur2 of the key, as the Java
-client and aiokafka/kafka-python do), so :func:`partition_for` does the same.
+client and aiokafka/kafka-python do): :func:`~streams.pipeline.partitioning.partition_for`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.partitioner import murmur2
 
 from ..kafka.end_offsets import end_offsets
 from ..kafka.client_config import aiokafka_options
+from ..pipeline.partitioning import partition_for
 from ..settings import Settings
 from ..kafka.topics import assign_whole_topic, caught_up
 
@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 
 #: (partition, key, value); value None is a tombstone.
 ChangelogRecord = tuple[int, bytes, bytes | None]
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition the Kafka default partitioner gives ``key`` (murmur2, positive, modulo)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 async def ensure_changelog(settings: Settings) -> None:
@@ -49,7 +44,8 @@ async def ensure_changelog(settings: Settings) -> None:
         if settings.changelog_topic in set(await admin.list_topics()):
             return
         try:
-            await admin.create_topics([NewTopic(settings.changelog_topic, settings.partitions, 1,
+            await admin.create_topics([NewTopic(settings.changelog_topic, settings.partitions,
+                                                settings.replication_factor,
                                                 topic_configs={"cleanup.policy": "compact"})])
         except TopicAlreadyExistsError:
             pass
@@ -99,11 +95,11 @@ async def read_latest(settings: Settings, timeout_s: float = 120.0) -> dict[byte
         await consumer.stop()
 
 
-async def newest_values(settings: Settings, tail: int = 16) -> list[bytes]:
-    """The newest non-tombstone value of each changelog partition (at most one per partition).
+async def newest_values(settings: Settings, tail: int = 16) -> dict[int, bytes]:
+    """partition -> the newest non-tombstone value of that changelog partition (where there is one).
 
-    A cheap probe of which model wrote the stored state: reads only the last
-    ``tail`` records of each partition.
+    A cheap probe of the stored state (which model wrote it, which event
+    offset it reached): reads only the last ``tail`` records of each partition.
     """
     consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
     await consumer.start()
@@ -111,12 +107,12 @@ async def newest_values(settings: Settings, tail: int = 16) -> list[bytes]:
         await consumer.topics()
         partitions = consumer.partitions_for_topic(settings.changelog_topic)
         if not partitions:
-            return []
+            return {}
         tps = [TopicPartition(settings.changelog_topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         starts = await consumer.beginning_offsets(tps)
         ends = await end_offsets(consumer, tps, settings)
-        newest: dict[TopicPartition, bytes] = {}
+        newest: dict[int, bytes] = {}
         pending = {tp for tp in tps if ends[tp] > starts[tp]}
         for tp in pending:
             consumer.seek(tp, max(starts[tp], ends[tp] - tail))
@@ -125,8 +121,8 @@ async def newest_values(settings: Settings, tail: int = 16) -> list[bytes]:
             for tp, batch in (await consumer.getmany(*pending, timeout_ms=500)).items():
                 for rec in batch:
                     if rec.offset < ends[tp] and rec.value is not None:
-                        newest[tp] = rec.value
+                        newest[tp.partition] = rec.value
             pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-        return list(newest.values())
+        return newest
     finally:
         await consumer.stop()

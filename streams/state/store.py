@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import faust
 import rocksdict
@@ -94,11 +94,22 @@ class TableStateStore:
             self._db(partition).put(self.table.data.offset_key, str(last).encode())
             self._recorded[partition] = last
 
-    def scan(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
-        """Every (user key, state record) of one partition; faust's bookkeeping keys skipped."""
-        for key, value in self._db(partition).items():
-            if not key.startswith(_FAUST_PREFIX):
-                yield key, value
+    def scan_chunk(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (user key, state record) pairs of one partition in key order, starting
+        after key ``after`` (from the first key if None); faust's bookkeeping keys skipped.
+
+        A chunk, not an iterator: the caller yields to the event loop between
+        chunks, and an iterator left open across that could outlive the
+        partition's database (closed when the partition is revoked).
+        """
+        out: list[tuple[bytes, bytes]] = []
+        for key, value in self._db(partition).items(from_key=after):
+            if key == after or key.startswith(_FAUST_PREFIX):
+                continue
+            out.append((key, value))
+            if len(out) == limit:
+                break
+        return out
 
     def find(self, key: bytes) -> tuple[int, bytes] | None:
         """(partition, value) of a key held by this worker, searching its partitions."""

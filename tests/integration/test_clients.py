@@ -260,6 +260,9 @@ def test_subscriber_follows_updates_and_tombstones(deployment: Deployment) -> No
         assert sub.wait_until_caught_up(20)
         assert set(sub.profiles()) == {"a", "c"}
         assert sub.get("a")["event_count"] == 2 and sub.get("b") is None
+        many = sub.get_many(["a", "b", "c", "zz", "a"])
+        assert list(many) == ["a", "b", "c", "zz"] and many["b"] is None and many["zz"] is None
+        assert (many["a"]["event_count"], many["c"]["event_count"]) == (2, 1)
         jsonschema.validate(sub.get("a"), PROFILE_SCHEMA)
 
         produce_raw(deployment.bootstrap, topic, [(b"d", profile("d", 1)), (b"a", None), (b"c", profile("c", 5))])

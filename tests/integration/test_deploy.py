@@ -11,14 +11,16 @@ schemas, and checked against the code (CLI commands, settings) they configure.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from streams.service.metrics import Metrics
 from streams.settings import Settings
 from streams.dev.traffic import SyntheticTraffic
 from tests.harness import DemoTraffic, Deployment, produce_raw
+from tests.k8s_rules import render as render_prometheus_rule
 from tests.prom_queries import (
     ALERTS,
     DASHBOARD,
@@ -117,18 +120,21 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
             (fires if check["exp_alerts"] else quiet).add(check["alertname"])
     alerts = {q.source.removeprefix("alert: ") for q in alert_queries()}
     assert alerts == {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
-                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag"}
+                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag", "RecoveryStalled",
+                      "LookupErrorsHigh"}
     assert fires == alerts
     assert quiet == alerts
 
 
-def test_alerts_have_severity_and_runbook() -> None:
+def test_alerts_have_severity_and_runbook_url() -> None:
+    """``runbook_url`` is the annotation Alertmanager integrations (PagerDuty, Slack
+    templates, Grafana alerting) turn into a link; each points at its runbook section."""
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
     readme = (ROOT / "deploy" / "README.md").read_text()
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
-        assert {"summary", "description", "runbook"} <= rule["annotations"].keys(), rule["alert"]
-        assert rule["annotations"]["runbook"].startswith(f"deploy/README.md#{rule['alert'].lower()}")
+        assert rule["annotations"].keys() == {"summary", "description", "runbook_url"}, rule["alert"]
+        assert rule["annotations"]["runbook_url"] == f"deploy/README.md#{rule['alert'].lower()}"
         assert f"\n#### {rule['alert']}\n" in readme, f"deploy/README.md has no runbook for {rule['alert']}"
 
 
@@ -179,15 +185,65 @@ def test_dashboard_structure() -> None:
     for panel in dashboard["panels"]:
         assert {"x", "y", "w", "h"} <= panel["gridPos"].keys()
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
-        for target in panel.get("targets", []):
-            assert target["datasource"]["uid"] == datasource["uid"]
+    # The provisioned datasource is the default one, which the datasource variable picks.
+    assert datasource["isDefault"] is True and datasource["type"] == "prometheus"
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("by type", "lag (records)", "lag (seconds)", "latency", "batch size", "model step",
-                  "dead-lettered", "users in state", "published", "ready"):
+                  "dead-lettered", "users in state", "published", "ready", "recovery", "process cpu",
+                  "process memory"):
         assert topic in titles
     compose = yaml.safe_load(COMPOSE.read_text())
     mounts = compose["services"]["grafana"]["volumes"]
     assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+def grafana_import(dashboard: dict[str, Any], variables: dict[str, str]) -> dict[str, Any]:
+    """The dashboard as Grafana resolves it for one choice of template variables:
+    every ``$name`` / ``${name}`` in it replaced by the chosen value."""
+    text = json.dumps(dashboard)
+    for name, value in variables.items():
+        text = text.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    resolved: dict[str, Any] = json.loads(text)
+    return resolved
+
+
+def datasource_refs(node: Any) -> list[Any]:
+    """Every ``datasource`` value anywhere in a dashboard (panels, targets, variables)."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "datasource"] + \
+            [ref for k, v in node.items() for ref in datasource_refs(v)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in datasource_refs(item)]
+    return []
+
+
+def test_dashboard_imports_with_another_datasource_name() -> None:
+    """Grafana instances name their Prometheus datasource as they like: the dashboard
+    must reach it only through its ``datasource`` variable, never a hard-coded uid."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    instance = variables["instance"]
+    assert instance["type"] == "query" and instance["includeAll"] and instance["allValue"] == ".*"
+    assert re.fullmatch(r"label_values\(profilestream_\w+, instance\)", instance["definition"])
+    assert instance["query"]["query"] == instance["definition"]
+
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    refs = datasource_refs(dashboard)
+    assert len(refs) == len(panels) + sum(len(p["targets"]) for p in panels) + 1  # + the instance variable
+    assert all(ref == {"type": "prometheus", "uid": "${datasource}"} for ref in refs), refs
+    for panel in panels:
+        for target in panel["targets"]:
+            # Every selector of every query is narrowed to the chosen workers.
+            names = metric_names(target["expr"].replace("$__rate_interval", "1m"))
+            assert target["expr"].count('instance=~"$instance"') >= len(names), (panel["title"], target["expr"])
+
+    imported = grafana_import(dashboard, {"datasource": "my-metrics-uid", "instance": "(w1:6066|w2:6066)",
+                                          "__rate_interval": "1m"})
+    assert "$" not in json.dumps(imported["panels"])
+    refs = datasource_refs(imported)
+    assert refs and all(ref == {"type": "prometheus", "uid": "my-metrics-uid"} for ref in refs), refs
+    assert "prometheus" not in {ref["uid"] for ref in refs}  # the compose stack's uid is nowhere
 
 
 # --- a real Prometheus scraping a real worker, and crafted values --------------------
@@ -222,7 +278,8 @@ def _invalid_messages() -> list[tuple[bytes, bytes, str]]:
 #: Alerts whose expression is asserted empty (quiet) on the healthy test worker.  The
 #: latency SLO is left out: its p99 depends on how busy this shared 2-core machine is.
 QUIET_WHEN_HEALTHY = {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
-                      "DeadLetterRateHigh", "NoProgressWithLag"}
+                      "DeadLetterRateHigh", "NoProgressWithLag", "RecoveryStalled",
+                      "LookupErrorsHigh"}
 
 
 @needs_prometheus
@@ -244,14 +301,29 @@ def test_real_prometheus_scrapes_a_worker_fed_by_demo_traffic(
     """
     invalid = _invalid_messages()
     worker = deployment.worker(PROFILESTREAM_MONITOR_INTERVAL_S="1").start()
+    stop_lookups = threading.Event()
+
+    def look_up() -> None:  # the lookup panel and alert need lookups (of both endpoints) to have data
+        batch = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}/users/profiles",
+                                       data=b'{"user_ids": ["u1", "u2"]}', method="POST")
+        while not stop_lookups.wait(0.1):
+            worker.http("/users/u1/profile")
+            with contextlib.suppress(OSError):  # HTTPError (503 until ready) is an OSError
+                urllib.request.urlopen(batch, timeout=2).close()
+
     try:
+        threading.Thread(target=look_up, name="lookups", daemon=True).start()
         with DemoTraffic(deployment, rate=300.0, users=500):
             prom = prometheus([f"127.0.0.1:{worker.web_port}"])
             # After Prometheus has the counters at 0: a series first scraped at 1 has no increase.
             poll("two scrapes", lambda: prom.query('count_over_time(up{job="profilestream"}[1m]) >= 2'))
             produce_raw(deployment.bootstrap, deployment.settings.events_topic, [(k, v) for k, v, _ in invalid])
 
-            checks = {q.source: q.expr for q in dashboard_queries("15s")}
+            # The instance variable's values, as Grafana's label_values() query gets them.
+            instances = poll("the instance variable's values", lambda: prom.api(
+                "label/instance/values", **{"match[]": "profilestream_ready"}))
+            assert instances == [f"127.0.0.1:{worker.web_port}"]
+            checks = {q.source: q.expr for q in dashboard_queries("15s", instance="|".join(instances))}
             checks |= {f"{q.source} (as bool)": with_bool(q.expr) for q in alert_queries()}
             # Every metric name the dashboard and alerts use has scraped series.
             checks |= {f"series {name}": name for name in sorted({n for q in all_queries() for n in
@@ -306,6 +378,7 @@ def test_real_prometheus_scrapes_a_worker_fed_by_demo_traffic(
             lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
             assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
     finally:
+        stop_lookups.set()
         worker.stop()
 
 
@@ -357,25 +430,49 @@ def test_compose_validates_against_compose_spec(compose: dict[str, Any]) -> None
 
 def test_compose_schema_rejects_a_broken_file(compose: dict[str, Any]) -> None:
     broken = json.loads(json.dumps(compose))
-    broken["services"]["worker"]["depends_on"]["kafka-init"]["condition"] = "service_done"
-    broken["services"]["worker"]["helthcheck"] = {}
+    broken["services"]["worker-0"]["depends_on"]["kafka-init"]["condition"] = "service_done"
+    broken["services"]["worker-0"]["helthcheck"] = {}
     assert len(list(compose_validator().iter_errors(broken))) == 2
 
 
-def test_compose_services(compose: dict[str, Any]) -> None:
+def with_secret_files(env: dict[str, Any], tmp: Path) -> dict[str, str]:
+    """``env`` with each ``<secret>_FILE`` pointing at a file made here (the deployment's path
+    exists only in its container), so that Settings reads it as a worker would."""
+    out = {k: str(v) for k, v in env.items()}
+    for name in [k for k in out if k.endswith("_FILE")]:
+        secret = tmp / name.lower()
+        secret.write_text("from-a-secret\n")
+        out[name] = str(secret)
+    return out
+
+
+def test_compose_services(compose: dict[str, Any], tmp_path: Path) -> None:
     services = compose["services"]
-    assert set(services) == {"kafka", "kafka-init", "worker", "traffic", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "kafka-init", "worker-0", "worker-1", "traffic", "prometheus", "grafana"}
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "healthcheck" in services["kafka"]
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
-    worker = services["worker"]
+    worker = services["worker-0"]
     assert worker["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (ROOT / worker["build"]["context"] / worker["build"]["dockerfile"]).is_file()
     assert worker["command"] == ["profilestream", "worker"]
-    assert worker["deploy"]["replicas"] == 2
     assert worker["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert DATA_DIR in worker["volumes"]
+    # Two workers, each advertising its own service name, both behind the DNS name "worker",
+    # both reading the lookup token from the compose secret.
+    for name in ("worker-0", "worker-1"):
+        service = services[name]
+        assert {k: v for k, v in service.items() if k not in ("hostname", "environment", "ports")} == \
+            {k: v for k, v in worker.items() if k not in ("hostname", "environment", "ports")}
+        assert service["hostname"] == name and service["networks"]["default"]["aliases"] == ["worker"]
+        assert service["environment"]["PROFILESTREAM_ADVERTISED_URL"] == f"http://{name}:{WEB_PORT}"
+        assert service["environment"]["PROFILESTREAM_LOOKUP_TOKEN_FILE"] == "/run/secrets/lookup_token"
+        assert service["secrets"] == ["lookup_token"]
+        Settings.from_env(with_secret_files(service["environment"], tmp_path)).check_lookup_exposure()
+    assert compose["secrets"]["lookup_token"]["file"] == "./deploy/secrets/lookup_token"
+    assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert services["worker-0"]["ports"] == ["6066:6066"] and services["worker-1"]["ports"] == ["6067:6066"]
     env = worker["environment"]
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["PROFILESTREAM_DATA_DIR"] == DATA_DIR and int(env["PROFILESTREAM_WEB_PORT"]) == WEB_PORT
@@ -396,8 +493,9 @@ def test_compose_services(compose: dict[str, Any]) -> None:
 
 GPU_OVERRIDE = ROOT / "deploy" / "compose.gpu.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-#: Variables of the image that are not ProfileStream settings.
-NOT_SETTINGS = {"PATH", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+#: Variables of the image and the pod that are not ProfileStream settings (POD_NAME builds
+#: PROFILESTREAM_ADVERTISED_URL in deploy/k8s/statefulset.yaml).
+NOT_SETTINGS = {"PATH", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "POD_NAME"}
 
 
 def _profilestream_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -446,7 +544,7 @@ def deploy_env() -> dict[str, set[str]]:
                 found[f"{path.name}: {doc['metadata']['name']}"] = set(doc["data"])
             pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
             for container in pod.get("containers", []):
-                found[f"{path.name}: {container['name']}"] = {e["name"] for e in container.get("env", [])}
+                found[f"{path.name}: {container['name']}"] = {e["name"] for e in container.get("env", [])} - NOT_SETTINGS
     names = set()
     for args in _dockerfile_instructions("ENV"):
         names |= {m.group(1) for m in re.finditer(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", args)}
@@ -457,7 +555,7 @@ def deploy_env() -> dict[str, set[str]]:
 def test_deploy_commands_parse_with_the_real_cli() -> None:
     from streams.cli import build_parser
     commands = deploy_commands()
-    assert {"docker-compose.yml: worker.command", "docker-compose.yml: traffic.command",
+    assert {"docker-compose.yml: worker-0.command", "docker-compose.yml: traffic.command",
             "statefulset.yaml: worker.args", "Dockerfile: CMD #0"} <= commands.keys()
     for where, argv in commands.items():
         try:
@@ -474,9 +572,9 @@ def test_the_drift_check_notices_a_bad_command() -> None:
 
 
 def test_deploy_env_vars_are_settings() -> None:
-    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    known = Settings.env_vars()
     found = deploy_env()
-    assert {"docker-compose.yml: worker", "docker-compose.yml: traffic", "compose.gpu.yml: worker",
+    assert {"docker-compose.yml: worker-0", "docker-compose.yml: traffic", "compose.gpu.yml: worker-0",
             "configmap.yaml: profilestream", "Dockerfile: ENV"} <= found.keys()
     assert "PROFILESTREAM_WEB_HOST" in found["Dockerfile: ENV"]
     assert {where: names - known for where, names in found.items() if names - known} == {}
@@ -484,34 +582,36 @@ def test_deploy_env_vars_are_settings() -> None:
 
 def test_deploy_texts_name_only_real_settings() -> None:
     """Comments and runbooks too: every PROFILESTREAM_* name they mention is a setting."""
-    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    known = Settings.env_vars()
     for path in [COMPOSE, GPU_OVERRIDE, DOCKERFILE, ROOT / "deploy" / "README.md", *K8S_DIR.glob("*.yaml"),
                  *PROM_DIR.glob("*.yml")]:
         mentioned = set(re.findall(r"\bPROFILESTREAM_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
         assert mentioned - known == set(), path.name
 
 
-def test_compose_gpu_override(compose: dict[str, Any]) -> None:
+def test_compose_gpu_override(compose: dict[str, Any], tmp_path: Path) -> None:
     gpu = yaml.safe_load(GPU_OVERRIDE.read_text())
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator().iter_errors(gpu)]
     assert errors == []
-    worker = gpu["services"]["worker"]
+    worker = gpu["services"]["worker-0"]
+    assert gpu["services"]["worker-1"] == worker
     assert set(gpu["services"]) <= set(compose["services"])
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert worker["environment"]["PROFILESTREAM_DEVICE"] == "cuda"
-    Settings.from_env({**compose["services"]["worker"]["environment"], **worker["environment"]})
+    Settings.from_env(with_secret_files({**compose["services"]["worker-0"]["environment"], **worker["environment"]},
+                                        tmp_path))
     assert "ARG TORCH_VARIANT=" in DOCKERFILE.read_text() and worker["build"]["args"]["TORCH_VARIANT"].startswith("cu")
     assert GPU_OVERRIDE.relative_to(ROOT).as_posix() in COMPOSE.read_text()
 
 
-def test_compose_env_vars_are_settings(compose: dict[str, Any]) -> None:
-    known = {env for env, _, _ in Settings.describe()}
+def test_compose_env_vars_are_settings(compose: dict[str, Any], tmp_path: Path) -> None:
+    known = Settings.env_vars()
     for name, service in compose["services"].items():
         env = service.get("environment", {})
         ours = {k for k in env if k.startswith(("PROFILESTREAM_", "KAFKA_BOOTSTRAP"))}
         assert ours <= known, f"{name}: unknown settings {ours - known}"
-        Settings.from_env({k: str(v) for k, v in env.items() if k in known})  # values parse
+        Settings.from_env(with_secret_files({k: v for k, v in env.items() if k in known}, tmp_path))  # values parse
 
 
 def test_compose_creates_the_topics_the_settings_name(compose: dict[str, Any]) -> None:
@@ -520,7 +620,7 @@ def test_compose_creates_the_topics_the_settings_name(compose: dict[str, Any]) -
     defaults = Settings()
     assert set(lines) == {defaults.events_topic, defaults.dlq_topic, defaults.profiles_topic}
     assert "cleanup.policy=compact" in lines[defaults.profiles_topic]
-    partitions = compose["services"]["worker"]["environment"]["PROFILESTREAM_PARTITIONS"]
+    partitions = compose["services"]["worker-0"]["environment"]["PROFILESTREAM_PARTITIONS"]
     assert f"--partitions {partitions}" in lines[defaults.events_topic]
 
 
@@ -557,7 +657,8 @@ def manifests() -> dict[tuple[str, str], dict[str, Any]]:
 def test_k8s_kinds_and_kustomization(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     assert set(manifests) == {("ConfigMap", "profilestream"), ("Service", "profilestream-headless"),
                               ("Service", "profilestream"), ("StatefulSet", "profilestream"),
-                              ("PodDisruptionBudget", "profilestream")}
+                              ("PodDisruptionBudget", "profilestream"), ("ServiceMonitor", "profilestream"),
+                              ("PrometheusRule", "profilestream")}
     for doc in manifests.values():
         assert doc["apiVersion"] and doc["metadata"]["labels"]["app.kubernetes.io/name"] == "profilestream"
     kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
@@ -602,10 +703,78 @@ def test_k8s_statefulset(manifests: dict[tuple[str, str], dict[str, Any]]) -> No
     assert set(config) <= known
     Settings.from_env(config)
 
+    # Each pod advertises its stable DNS name under the headless service, and reads the
+    # lookup token from the Secret's mounted file (a 0.0.0.0 bind without one refuses to start).
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["PROFILESTREAM_ADVERTISED_URL"]["value"] == \
+        f"http://$(POD_NAME).{headless['metadata']['name']}:{WEB_PORT}"
+    assert list(env).index("POD_NAME") < list(env).index("PROFILESTREAM_ADVERTISED_URL")  # $(...) expands earlier ones
+    token_path = Path(env["PROFILESTREAM_LOOKUP_TOKEN_FILE"]["value"])
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "lookup-token"]
+    assert volume["secret"]["secretName"] == "profilestream-lookup" and "optional" not in volume["secret"]
+    assert mounts["lookup-token"] == str(token_path.parent)
+    assert Settings.from_env({**config, "PROFILESTREAM_LOOKUP_TOKEN": "t"}).web_host == "0.0.0.0"
+
+
+def test_k8s_pod_hardening_and_placement(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    pod = manifests[("StatefulSet", "profilestream")]["spec"]["template"]
+    spec = pod["spec"]
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = spec["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    spread = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    for constraint in spread.values():
+        assert constraint["maxSkew"] == 1
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+def test_k8s_startup_probe_covers_recovery(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Liveness must not kill a worker still recovering its table: the startup probe
+    waits for readiness (= recovered), far longer than liveness would."""
+    (container,) = manifests[("StatefulSet", "profilestream")]["spec"]["template"]["spec"]["containers"]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    assert startup["httpGet"]["path"] == "/readyz" == container["readinessProbe"]["httpGet"]["path"]
+    budget_s = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget_s >= 30 * 60 > 10 * liveness["periodSeconds"] * liveness["failureThreshold"]
+
+
+def test_k8s_prometheus_rule_is_alerts_yml(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    rule = manifests[("PrometheusRule", "profilestream")]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    assert (K8S_DIR / "prometheusrule.yaml").read_text() == render_prometheus_rule(), \
+        "deploy/k8s/prometheusrule.yaml is stale: python -m tests.k8s_rules > deploy/k8s/prometheusrule.yaml"
+
+
+def test_k8s_service_monitor_scrapes_each_worker_once(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    monitor = manifests[("ServiceMonitor", "profilestream")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    selector = spec["selector"]["matchLabels"]
+    services = {name: doc for (kind, name), doc in manifests.items() if kind == "Service"}
+    selected = [name for name, svc in services.items() if selector.items() <= svc["metadata"]["labels"].items()]
+    assert selected == ["profilestream-headless"]  # scrapes not-ready (recovering) pods, and each pod once
+    headless = services["profilestream-headless"]
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in headless["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    # The job label WorkerDown selects on.
+    assert headless["metadata"]["labels"][spec["jobLabel"]] == "profilestream"
+    assert 'up{job="profilestream"}' in ALERTS.read_text()
+
+
+#: Prometheus Operator kinds: kubernetes-validate has no schema for CRDs, so the
+#: tests above check their structure against what they must select and contain.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
 
 def test_k8s_manifests_match_the_kubernetes_schemas(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for key, doc in manifests.items():
+        if key[0] in OPERATOR_KINDS:
+            continue
         try:
             kubernetes_validate.validate(doc, "1.30.0", strict=True)
         except kubernetes_validate.ValidationError as exc:

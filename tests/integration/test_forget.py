@@ -17,10 +17,11 @@ import pytest
 
 from models import ProfileModel
 from models.events import Event, EventError
-from streams.pipeline.control import CONTROL_HEADER, forget_headers, forget_target, is_control
-from streams.kafka.publisher import headers_dict
-from streams.pipeline.source_record import SourceRecord
 from streams.clients.subscriber import ProfileSubscriber
+from streams.kafka.publisher import headers_dict
+from streams.pipeline.control import (CONTROL_HEADER, IDLE_BEFORE_HEADER, ControlRequest, control_request,
+                                      expire_headers, forget_headers, is_control)
+from streams.pipeline.source_record import SourceRecord
 from streams.service.ttl import DAY_MS, idle_users
 
 from ..harness import (REPO, Deployment, assert_matches_replay, expected_last, latest_profiles, metric_sum,
@@ -31,18 +32,22 @@ def control(key: bytes | None, headers: list[tuple[str, bytes]], value: bytes | 
     return SourceRecord("events", 0, 5, 0, key, value, tuple(headers))
 
 
-def test_forget_request_is_recognised_by_its_header_and_checked() -> None:
-    assert forget_target(control(b"u1", forget_headers())) == "u1"
+def test_control_records_are_recognised_by_their_header_and_checked() -> None:
+    assert control_request(control(b"u1", forget_headers())) == ControlRequest("u1")
+    assert control_request(control(b"u1", expire_headers(1234))) == ControlRequest("u1", 1234)
     assert not is_control(control(b"u1", []))  # a plain tombstone stays a missing_value dead letter
     for record, reason in [
         (control(b"u1", [(CONTROL_HEADER, b"rewind")]), "unknown_control"),
         (control(b"u1", forget_headers(), value=b"{}"), "unknown_control"),
+        (control(b"u1", [(CONTROL_HEADER, b"expire")]), "unknown_control"),
+        (control(b"u1", [(CONTROL_HEADER, b"expire"), (IDLE_BEFORE_HEADER, b"-5")]), "unknown_control"),
+        (control(b"u1", expire_headers(1) + [(IDLE_BEFORE_HEADER, b"2")]), "unknown_control"),
         (control(None, forget_headers()), "bad_key"),
-        (control(b"\xff", forget_headers()), "bad_key"),
+        (control(b"\xff", expire_headers(1)), "bad_key"),
     ]:
         assert is_control(record)
         with pytest.raises(EventError) as info:
-            forget_target(record)
+            control_request(record)
         assert info.value.reason == reason
 
 

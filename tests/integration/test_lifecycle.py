@@ -21,7 +21,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.events import Event, event_to_dict
 from streams.state import codec as state_codec
 from streams.dev.embedded_broker import EmbeddedBroker
-from streams.state.changelog import partition_for
+from streams.pipeline.partitioning import partition_for
 from streams.ops.snapshot import STATES, _read_states
 
 from ..harness import (REPO, TOL, Deployment, assert_matches_replay, expected_last, latest_profiles,

@@ -64,6 +64,7 @@ def test_every_family_has_its_name_and_type(m: Metrics) -> None:
         "profilestream_model_info": "gauge",  # Info renders as a gauge in the text format
         "profilestream_assigned_partitions": "gauge",
         "profilestream_ready": "gauge",
+        "profilestream_recovery_remaining_records": "gauge",
     }
     assert {name: types.get(name) for name in expected} == expected
 
@@ -194,6 +195,32 @@ def test_gauges_and_model_info(m: Metrics) -> None:
     assert value(samples, "profilestream_model_info", version="2024.1", fingerprint="9f2c", device="cuda:0") == 1
     m.set_ready(False)
     assert value(scrape(m)[0], "profilestream_ready") == 0
+
+
+def test_lookup_requests_by_endpoint_and_status(m: Metrics) -> None:
+    samples, types = scrape(m)
+    assert types["profilestream_lookup_requests"] == "counter" and types["profilestream_lookup_seconds"] == "histogram"
+    for endpoint in ("profile", "profiles"):  # present at 0 before the first lookup
+        assert value(samples, "profilestream_lookup_requests_total", endpoint=endpoint, status="200") == 0
+        assert value(samples, "profilestream_lookup_seconds_count", endpoint=endpoint) == 0
+    m.observe_lookup("profiles", 200, 0.004)
+    m.observe_lookup("profiles", 503, 0.0002)
+    m.observe_lookup("profile", 404, 0.002)
+    samples, _ = scrape(m)
+    assert value(samples, "profilestream_lookup_requests_total", endpoint="profiles", status="200") == 1
+    assert value(samples, "profilestream_lookup_requests_total", endpoint="profiles", status="503") == 1
+    assert value(samples, "profilestream_lookup_requests_total", endpoint="profile", status="404") == 1
+    assert value(samples, "profilestream_lookup_seconds_count", endpoint="profiles") == 2
+    assert value(samples, "profilestream_lookup_seconds_bucket", endpoint="profiles", le="0.001") == 1
+    assert value(samples, "profilestream_lookup_seconds_sum", endpoint="profile") == pytest.approx(0.002)
+def test_recovery_remaining(m: Metrics) -> None:
+    samples, _ = scrape(m)
+    # Both kinds exist at 0 before the first sample, so the RecoveryStalled join has series.
+    assert value(samples, "profilestream_recovery_remaining_records", kind="active") == 0
+    m.set_recovery_remaining(active=1200, standby=35)
+    samples, _ = scrape(m)
+    assert value(samples, "profilestream_recovery_remaining_records", kind="active") == 1200
+    assert value(samples, "profilestream_recovery_remaining_records", kind="standby") == 35
 
 
 def test_render_content_type(m: Metrics) -> None:

@@ -66,8 +66,11 @@ class MemoryPublisher:
     async def tombstone(self, user_id: str) -> None:
         self.profiles_sent.append((user_id, None))
 
-    async def dead_letter(self, rejection: Rejection) -> None:
+    async def dead_letter(self, rejection: Rejection) -> asyncio.Future:
         self.dead_letters.append(rejection)
+        delivered = asyncio.get_running_loop().create_future()
+        delivered.set_result(None)
+        return delivered
 
     def latest(self) -> dict[str, dict | None]:
         return dict(self.profiles_sent)
@@ -76,7 +79,11 @@ class MemoryPublisher:
 @pytest.fixture
 def pipeline(model: ProfileModel, tmp_path: Path):  # type: ignore[no-untyped-def]
     store, publisher = RocksStateStore(tmp_path), MemoryPublisher()
-    processor = BatchProcessor(model, store, publisher, Metrics(CollectorRegistry()))
+    async def events_end(partition: int) -> int:
+        """No log here: every offset the tests use lies below its partition's end."""
+        return 2**63 - 1
+
+    processor = BatchProcessor(model, store, publisher, Metrics(CollectorRegistry()), events_end, "events")
     yield processor, store, publisher
     store.close()
 
