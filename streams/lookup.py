@@ -36,6 +36,8 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,13 +121,14 @@ def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> bytes:
 
 def current_profiles(model: ProfileModel, user_ids: Sequence[str], stored: Sequence[bytes]) -> list[bytes]:
     """Profile messages of many stored state records, with one model call; see :func:`current_profile`."""
-    states = []
+    blobs = []
     for user_id, value in zip(user_ids, stored):
         record = state_record.decode(value)
         if record.fingerprint != model.fingerprint:
             raise state_record.StateRecordError(
                 f"state of {user_id!r} was written by model {record.fingerprint}, this worker runs {model.fingerprint}")
-        states.append(model.decode_state(record.model_state))
+        blobs.append(record.model_state)
+    states = model.decode_states(blobs)
     result = model.predict(states)
     now_ms = int(time.time() * 1000)
     return [profile_message(user_id, model.version, now_ms, state.n_events, state.last_timestamp_ms,
@@ -196,8 +199,9 @@ class Lookups:
         self.key = forwarding_key(settings.lookup_token) if settings.lookup_token else None
         self.batch_max = settings.lookup_batch_max
         self.gate = LookupGate(settings.lookup_max_concurrent)
-        # One thread: lookups never take more than one core from batch processing.
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="lookup-model")
+        # One thread, niced: lookups never take more than one core, and where the CPU is
+        # short, the scheduler runs batch processing first (docs/http.md, "Load").
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="lookup-model", initializer=_lower_priority)
 
     @property
     def url(self) -> str:
@@ -287,16 +291,29 @@ class Lookups:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("forwarding %d profile lookups to %s failed: %r", len(user_ids), owner, exc)
             return {u: UserResult(UNAVAILABLE, "owner_unreachable") for u in user_ids}
-        if status == 200:
-            answered = {item["user_id"]: UserResult.from_json(item) for item in orjson.loads(payload)["results"]}
-            return {u: answered.get(u, UserResult(ERROR, "owner_left_out_the_user")) for u in user_ids}
-        if status == 503:
-            reason = orjson.loads(payload).get("error", "owner_unavailable")
-            return {u: UserResult(UNAVAILABLE, f"owner_{reason}") for u in user_ids}
+        try:
+            if status == 200:
+                answered = {item["user_id"]: UserResult.from_json(item) for item in orjson.loads(payload)["results"]}
+                return {u: answered.get(u, UserResult(ERROR, "owner_left_out_the_user")) for u in user_ids}
+            if status == 503:
+                reason = orjson.loads(payload).get("error", "unavailable")
+                return {u: UserResult(UNAVAILABLE, f"owner_{reason}") for u in user_ids}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not the body this route sends
+            log.error("owner %s answered %d forwarded profile lookups with an unreadable body: %r", owner,
+                      len(user_ids), exc)
+            return {u: UserResult(ERROR, "owner_answer_unreadable") for u in user_ids}
         # 401 here means the workers do not share one lookup token: an operator's mistake, said loudly.
         log.error("owner %s refused %d forwarded profile lookups with HTTP %d: %s", owner, len(user_ids), status,
                   payload[:200])
         return {u: UserResult(ERROR, f"owner_http_{status}") for u in user_ids}
+
+
+#: Niceness added to the lookup thread (Linux schedules threads one by one).
+LOOKUP_THREAD_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOOKUP_THREAD_NICENESS)
 
 
 def _same_node(a: URL, b: URL) -> bool:
