@@ -111,16 +111,18 @@ def forwarded_header_ok(value: str, key: bytes | None, path: str, body: bytes, n
     return hmac.compare_digest(signature.encode(), forward_signature(key, timestamp, path, body).encode())
 
 
-def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> bytes:
-    """The profile message of a stored state record, without advancing the state.
+def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> tuple[bytes, int]:
+    """The profile message of a stored state record, without advancing the state, and its age
+    (ms from the user's newest applied event to now).
 
     Raises ``ValueError`` (StateRecordError, StateError) for state this model cannot read.
     """
     return current_profiles(model, [user_id], [stored])[0]
 
 
-def current_profiles(model: ProfileModel, user_ids: Sequence[str], stored: Sequence[bytes]) -> list[bytes]:
-    """Profile messages of many stored state records, with one model call; see :func:`current_profile`."""
+def current_profiles(model: ProfileModel, user_ids: Sequence[str],
+                     stored: Sequence[bytes]) -> list[tuple[bytes, int]]:
+    """Profile messages and ages of many stored state records, with one model call; see :func:`current_profile`."""
     blobs = []
     for user_id, value in zip(user_ids, stored):
         record = state_record.decode(value)
@@ -131,8 +133,9 @@ def current_profiles(model: ProfileModel, user_ids: Sequence[str], stored: Seque
     states = model.decode_states(blobs)
     result = model.predict(states)
     now_ms = int(time.time() * 1000)
-    return [profile_message(user_id, model.version, now_ms, state.n_events, state.last_timestamp_ms,
-                            result.profile[i], result.intent[i], result.top_categories[i])
+    return [(profile_message(user_id, model.version, now_ms, state.n_events, state.last_timestamp_ms,
+                             result.profile[i], result.intent[i], result.top_categories[i]),
+             max(0, now_ms - state.last_timestamp_ms))
             for i, (user_id, state) in enumerate(zip(user_ids, states))]
 
 
@@ -165,11 +168,6 @@ class UserResult:
         if status in (NOT_FOUND, UNAVAILABLE, ERROR):
             return cls(status, reason=str(item.get("reason", "")))
         return cls(ERROR, reason=f"owner answered an unknown status {status!r}")
-
-
-def _age_ms(profile: bytes) -> int:
-    message = orjson.loads(profile)
-    return max(0, message["updated_at"] - message["last_event_timestamp"])
 
 
 class LookupGate:
@@ -260,18 +258,19 @@ class Lookups:
                     found_values.append(value)
         if found_ids:
             loop = asyncio.get_running_loop()
+            answers: list[tuple[bytes, int] | UserResult]
             try:
-                profiles = await loop.run_in_executor(self.model_thread, current_profiles, self.model,
-                                                      found_ids, found_values)
+                answers = list(await loop.run_in_executor(self.model_thread, current_profiles, self.model,
+                                                          found_ids, found_values))
             except ValueError:  # one unreadable state: read each alone, so the others are still answered
-                profiles = [await loop.run_in_executor(self.model_thread, self._one, u, v)
-                            for u, v in zip(found_ids, found_values)]
-            for user_id, profile in zip(found_ids, profiles):
-                results[user_id] = (UserResult(FOUND, profile=profile, age_ms=_age_ms(profile), served_by=self.url)
-                                    if isinstance(profile, bytes) else profile)
+                answers = [await loop.run_in_executor(self.model_thread, self._one, u, v)
+                           for u, v in zip(found_ids, found_values)]
+            for user_id, answer in zip(found_ids, answers):
+                results[user_id] = (answer if isinstance(answer, UserResult) else
+                                    UserResult(FOUND, profile=answer[0], age_ms=answer[1], served_by=self.url))
         return results
 
-    def _one(self, user_id: str, stored: bytes) -> bytes | UserResult:
+    def _one(self, user_id: str, stored: bytes) -> tuple[bytes, int] | UserResult:
         try:
             return current_profile(self.model, user_id, stored)
         except ValueError as exc:
@@ -344,7 +343,7 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
     lookups = Lookups(app, store, model, settings)
     token = settings.lookup_token
 
-    async def admit(view: View, request: Request, body: bytes) -> tuple[Response | None, bool]:
+    def admit(view: View, request: Request, body: bytes) -> tuple[Response | None, bool]:
         """(a refusal, or None to go on; whether the request was forwarded by another worker)."""
         forwarded = request.headers.get(FORWARDED_HEADER)
         if forwarded is not None:
@@ -357,7 +356,8 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
             return view.error(503, "not_ready", headers={"Retry-After": str(RETRY_AFTER_S)}, **facts), False
         return None, forwarded is not None
 
-    async def measured(endpoint: str, view: View, request: Request, answer: Any) -> Response:
+    async def measured(endpoint: str, view: View, answer: Any) -> Response:
+        """``answer()``'s response within the concurrency bound (503 beyond it), counted and timed."""
         t0 = time.perf_counter()
         if not lookups.gate.try_enter():
             response = view.error(503, "busy", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -372,10 +372,10 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
     @app.page("/users/{user_id}/profile")
     class ProfileLookupView(View):
         async def get(self, request: Request, user_id: str) -> Response:
-            return await measured("profile", self, request, lambda: self.answer(request, user_id))
+            return await measured("profile", self, lambda: self.answer(request, user_id))
 
         async def answer(self, request: Request, user_id: str) -> Response:
-            refused, forwarded = await admit(self, request, b"")
+            refused, forwarded = admit(self, request, b"")
             if refused is not None:
                 return refused
             result = (await lookups.resolve([user_id], forwarded))[user_id]
@@ -392,11 +392,11 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
     @app.page(BATCH_ROUTE)
     class ProfilesLookupView(View):
         async def post(self, request: Request) -> Response:
-            return await measured("profiles", self, request, lambda: self.answer(request))
+            return await measured("profiles", self, lambda: self.answer(request))
 
         async def answer(self, request: Request) -> Response:
             body = await request.read()
-            refused, forwarded = await admit(self, request, body)
+            refused, forwarded = admit(self, request, body)
             if refused is not None:
                 return refused
             try:
