@@ -3,7 +3,7 @@
 The Prometheus Operator loads alert rules from a PrometheusRule resource, not
 from a rules file; its ``spec.groups`` is the rules file's ``groups``.  One
 source (alerts.yml, which promtool unit-tests) and this renderer keep the two
-from drifting; tests/test_deploy.py checks the committed file equals
+from drifting; tests/integration/test_deploy.py checks the committed file equals
 :func:`render`.  ``python -m tests.k8s_rules > deploy/k8s/prometheusrule.yaml``
 rewrites it.
 """
@@ -20,7 +20,7 @@ HEADER = """\
 # The alert rules of deploy/prometheus/alerts.yml for the Prometheus Operator.
 # Generated: edit alerts.yml, then run
 #   .venv/bin/python -m tests.k8s_rules > deploy/k8s/prometheusrule.yaml
-# (tests/test_deploy.py fails while the two differ).  Add the label your
+# (tests/integration/test_deploy.py fails while the two differ).  Add the label your
 # Prometheus' ruleSelector matches (kube-prometheus-stack: release: <its
 # release name>) under metadata.labels.
 """

@@ -2,7 +2,7 @@
 
 It needs neither torch nor faust: a ranker imports this module, the
 standard library and aiohttp (for :class:`AsyncLookupClient` only), nothing
-else of the worker (tests/test_lookup.py checks it).
+else of the worker (tests/integration/test_lookup.py checks it).
 
 Both clients know every worker (a list of base URLs: any worker answers any
 user, forwarding to the owner), spread requests over them, move on to the

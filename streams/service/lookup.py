@@ -36,6 +36,8 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,27 +111,31 @@ def forwarded_header_ok(value: str, key: bytes | None, path: str, body: bytes, n
     return hmac.compare_digest(signature.encode(), forward_signature(key, timestamp, path, body).encode())
 
 
-def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> bytes:
-    """The profile message of a stored state record, without advancing the state.
+def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> tuple[bytes, int]:
+    """The profile message of a stored state record, without advancing the state, and its age
+    (ms from the user's newest applied event to now).
 
     Raises ``ValueError`` (StateRecordError, StateError) for state this model cannot read.
     """
     return current_profiles(model, [user_id], [stored])[0]
 
 
-def current_profiles(model: ProfileModel, user_ids: Sequence[str], stored: Sequence[bytes]) -> list[bytes]:
-    """Profile messages of many stored state records, with one model call; see :func:`current_profile`."""
-    states = []
+def current_profiles(model: ProfileModel, user_ids: Sequence[str],
+                     stored: Sequence[bytes]) -> list[tuple[bytes, int]]:
+    """Profile messages and ages of many stored state records, with one model call; see :func:`current_profile`."""
+    blobs = []
     for user_id, value in zip(user_ids, stored):
         record = state_codec.decode(value)
         if record.fingerprint != model.fingerprint:
             raise state_codec.StateRecordError(
                 f"state of {user_id!r} was written by model {record.fingerprint}, this worker runs {model.fingerprint}")
-        states.append(model.decode_state(record.model_state))
+        blobs.append(record.model_state)
+    states = model.decode_states(blobs)
     result = model.predict(states)
     now_ms = int(time.time() * 1000)
-    return [profile_message(user_id, model.version, now_ms, state.n_events, state.last_timestamp_ms,
-                            result.profile[i], result.intent[i], result.top_categories[i])
+    return [(profile_message(user_id, model.version, now_ms, state.n_events, state.last_timestamp_ms,
+                             result.profile[i], result.intent[i], result.top_categories[i]),
+             max(0, now_ms - state.last_timestamp_ms))
             for i, (user_id, state) in enumerate(zip(user_ids, states))]
 
 
@@ -164,11 +170,6 @@ class UserResult:
         return cls(ERROR, reason=f"owner answered an unknown status {status!r}")
 
 
-def _age_ms(profile: bytes) -> int:
-    message = orjson.loads(profile)
-    return max(0, message["updated_at"] - message["last_event_timestamp"])
-
-
 class LookupGate:
     """Bounded concurrency without a queue: a request over the limit is refused at once (503)."""
 
@@ -196,8 +197,9 @@ class Lookups:
         self.key = forwarding_key(settings.lookup_token) if settings.lookup_token else None
         self.batch_max = settings.lookup_batch_max
         self.gate = LookupGate(settings.lookup_max_concurrent)
-        # One thread: lookups never take more than one core from batch processing.
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="lookup-model")
+        # One thread, niced: lookups never take more than one core, and where the CPU is
+        # short, the scheduler runs batch processing first (docs/http.md, "Load").
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="lookup-model", initializer=_lower_priority)
 
     @property
     def url(self) -> str:
@@ -256,18 +258,19 @@ class Lookups:
                     found_values.append(value)
         if found_ids:
             loop = asyncio.get_running_loop()
+            answers: list[tuple[bytes, int] | UserResult]
             try:
-                profiles = await loop.run_in_executor(self.model_thread, current_profiles, self.model,
-                                                      found_ids, found_values)
+                answers = list(await loop.run_in_executor(self.model_thread, current_profiles, self.model,
+                                                          found_ids, found_values))
             except ValueError:  # one unreadable state: read each alone, so the others are still answered
-                profiles = [await loop.run_in_executor(self.model_thread, self._one, u, v)
-                            for u, v in zip(found_ids, found_values)]
-            for user_id, profile in zip(found_ids, profiles):
-                results[user_id] = (UserResult(FOUND, profile=profile, age_ms=_age_ms(profile), served_by=self.url)
-                                    if isinstance(profile, bytes) else profile)
+                answers = [await loop.run_in_executor(self.model_thread, self._one, u, v)
+                           for u, v in zip(found_ids, found_values)]
+            for user_id, answer in zip(found_ids, answers):
+                results[user_id] = (answer if isinstance(answer, UserResult) else
+                                    UserResult(FOUND, profile=answer[0], age_ms=answer[1], served_by=self.url))
         return results
 
-    def _one(self, user_id: str, stored: bytes) -> bytes | UserResult:
+    def _one(self, user_id: str, stored: bytes) -> tuple[bytes, int] | UserResult:
         try:
             return current_profile(self.model, user_id, stored)
         except ValueError as exc:
@@ -287,16 +290,29 @@ class Lookups:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("forwarding %d profile lookups to %s failed: %r", len(user_ids), owner, exc)
             return {u: UserResult(UNAVAILABLE, "owner_unreachable") for u in user_ids}
-        if status == 200:
-            answered = {item["user_id"]: UserResult.from_json(item) for item in orjson.loads(payload)["results"]}
-            return {u: answered.get(u, UserResult(ERROR, "owner_left_out_the_user")) for u in user_ids}
-        if status == 503:
-            reason = orjson.loads(payload).get("error", "owner_unavailable")
-            return {u: UserResult(UNAVAILABLE, f"owner_{reason}") for u in user_ids}
+        try:
+            if status == 200:
+                answered = {item["user_id"]: UserResult.from_json(item) for item in orjson.loads(payload)["results"]}
+                return {u: answered.get(u, UserResult(ERROR, "owner_left_out_the_user")) for u in user_ids}
+            if status == 503:
+                reason = orjson.loads(payload).get("error", "unavailable")
+                return {u: UserResult(UNAVAILABLE, f"owner_{reason}") for u in user_ids}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not the body this route sends
+            log.error("owner %s answered %d forwarded profile lookups with an unreadable body: %r", owner,
+                      len(user_ids), exc)
+            return {u: UserResult(ERROR, "owner_answer_unreadable") for u in user_ids}
         # 401 here means the workers do not share one lookup token: an operator's mistake, said loudly.
         log.error("owner %s refused %d forwarded profile lookups with HTTP %d: %s", owner, len(user_ids), status,
                   payload[:200])
         return {u: UserResult(ERROR, f"owner_http_{status}") for u in user_ids}
+
+
+#: Niceness added to the lookup thread (Linux schedules threads one by one).
+LOOKUP_THREAD_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOOKUP_THREAD_NICENESS)
 
 
 def _same_node(a: URL, b: URL) -> bool:
@@ -327,7 +343,7 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
     lookups = Lookups(app, store, model, settings)
     token = settings.lookup_token
 
-    async def admit(view: View, request: Request, body: bytes) -> tuple[Response | None, bool]:
+    def admit(view: View, request: Request, body: bytes) -> tuple[Response | None, bool]:
         """(a refusal, or None to go on; whether the request was forwarded by another worker)."""
         forwarded = request.headers.get(FORWARDED_HEADER)
         if forwarded is not None:
@@ -340,7 +356,8 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
             return view.error(503, "not_ready", headers={"Retry-After": str(RETRY_AFTER_S)}, **facts), False
         return None, forwarded is not None
 
-    async def measured(endpoint: str, view: View, request: Request, answer: Any) -> Response:
+    async def measured(endpoint: str, view: View, answer: Any) -> Response:
+        """``answer()``'s response within the concurrency bound (503 beyond it), counted and timed."""
         t0 = time.perf_counter()
         if not lookups.gate.try_enter():
             response = view.error(503, "busy", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -355,10 +372,10 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
     @app.page("/users/{user_id}/profile")
     class ProfileLookupView(View):
         async def get(self, request: Request, user_id: str) -> Response:
-            return await measured("profile", self, request, lambda: self.answer(request, user_id))
+            return await measured("profile", self, lambda: self.answer(request, user_id))
 
         async def answer(self, request: Request, user_id: str) -> Response:
-            refused, forwarded = await admit(self, request, b"")
+            refused, forwarded = admit(self, request, b"")
             if refused is not None:
                 return refused
             result = (await lookups.resolve([user_id], forwarded))[user_id]
@@ -375,11 +392,11 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
     @app.page(BATCH_ROUTE)
     class ProfilesLookupView(View):
         async def post(self, request: Request) -> Response:
-            return await measured("profiles", self, request, lambda: self.answer(request))
+            return await measured("profiles", self, lambda: self.answer(request))
 
         async def answer(self, request: Request) -> Response:
             body = await request.read()
-            refused, forwarded = await admit(self, request, body)
+            refused, forwarded = admit(self, request, body)
             if refused is not None:
                 return refused
             try:

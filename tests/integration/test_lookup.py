@@ -24,12 +24,13 @@ import numpy as np
 import pytest
 
 from models import ProfileModel
-from streams.service.app import build_app
 from streams.dev.embedded_broker import EmbeddedBroker, free_port
+from streams.service.app import build_app
 from streams.service.lookup import (
     BATCH_ROUTE,
     FORWARDED_HEADER,
     BadLookupRequest,
+    current_profiles,
     forwarded_header,
     forwarded_header_ok,
     forwarding_key,
@@ -37,6 +38,7 @@ from streams.service.lookup import (
 )
 from streams.clients.lookup import AsyncLookupClient, LookupClient, LookupClientError
 from streams.settings import REDACTED, Settings
+from streams.state import codec as state_codec
 
 from ..harness import REPO, Deployment, WorkerProcess, synthetic, wait_for, wait_for_counts
 
@@ -131,6 +133,22 @@ def test_batch_request_bodies() -> None:
                           (b'{"user_ids": ["a", "b", "c", "d"]}', "4 user ids; send 1 to 3")]:
         with pytest.raises(BadLookupRequest, match=message):
             parse_user_ids(body, 3)
+
+
+def test_profiles_of_stored_states_and_their_age(model: ProfileModel) -> None:
+    events = synthetic(30, users=3, seed=4, start_ms=int(time.time() * 1000) - 60_000)
+    users = sorted({e.user_id for e in events})
+    states = model.advance([None] * len(users), [[e for e in events if e.user_id == u] for u in users]).states
+    stored = [state_codec.encode(state_codec.StateRecord(model.fingerprint, 0, (), blob))
+              for blob in model.encode_states(states)]
+    answers = current_profiles(model, users, stored)
+    for user, state, (body, age_ms) in zip(users, states, answers):
+        message = json.loads(body)
+        assert message["user_id"] == user and message["event_count"] == state.n_events
+        assert age_ms == message["updated_at"] - message["last_event_timestamp"] >= 50_000  # events of ~1 min ago
+    alien = state_codec.encode(state_codec.StateRecord("0" * len(model.fingerprint), 0, (), b""))
+    with pytest.raises(ValueError, match=f"state of '{users[1]}' was written by model 0+, this worker runs"):
+        current_profiles(model, users, [stored[0], alien, stored[2]])
 
 
 # -- the routes a worker serves -----------------------------------------------
