@@ -153,12 +153,12 @@ def event_from_dict(obj: Any, *, now_ms: int | None = None) -> Event:
     if price is not None:
         if isinstance(price, bool) or not isinstance(price, (int, float)):
             raise EventError("wrong_type", "field 'price' must be a number or null")
-        if not math.isfinite(price) or price < 0:
-            raise EventError("bad_price", f"price {price!r} must be a finite, non-negative number")
         try:
             price = float(price)
         except OverflowError:
             raise EventError("number_out_of_range", "price is beyond the float range") from None
+        if not math.isfinite(price) or price < 0:
+            raise EventError("bad_price", f"price {price!r} must be a finite, non-negative number")
 
     return Event(
         user_id=user_id,  # type: ignore[arg-type]

@@ -79,8 +79,9 @@ class Deployment:
     def create_topics(self) -> None:
         asyncio.run(ensure_topics(self.settings))
 
-    def worker(self, index: int = 0, **extra: str) -> "WorkerProcess":
-        return WorkerProcess(self, self.tmp / f"worker{index}", free_port(), extra)
+    def worker(self, index: int = 0, module: str = "streams.cli", **extra: str) -> "WorkerProcess":
+        """A worker process; ``module`` runs it (a test module may wrap a stage to inject a fault)."""
+        return WorkerProcess(self, self.tmp / f"worker{index}", free_port(), extra, module)
 
     def produce(self, events: Iterable[Event]) -> int:
         return produce_raw(self.bootstrap, self.settings.events_topic, [encode_event(e) for e in events])
@@ -177,8 +178,10 @@ def latest_profiles(records: Iterable[ConsumerRecord]) -> dict[str, dict]:
 class WorkerProcess:
     """A `profilestream worker` subprocess with its own RocksDB directory and HTTP port."""
 
-    def __init__(self, deployment: Deployment, data_dir: Path, web_port: int, extra: dict[str, str]) -> None:
+    def __init__(self, deployment: Deployment, data_dir: Path, web_port: int, extra: dict[str, str],
+                 module: str = "streams.cli") -> None:
         self.deployment = deployment
+        self.module = module
         self.data_dir = data_dir
         self.web_port = web_port
         self.extra = extra
@@ -189,7 +192,7 @@ class WorkerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", self.module, "worker"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             env=self.deployment.env(self.data_dir, self.web_port, **self.extra))
         log.close()
         if wait_ready:

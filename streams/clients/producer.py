@@ -52,6 +52,21 @@ class DeliveryError(RuntimeError):
         self.failures = failures
 
 
+def encode_checked(event: Event | Mapping[str, Any]) -> tuple[bytes, bytes, Event]:
+    """(key, value) of the message for ``event``, and the event the worker will read from it;
+    :class:`EventError` with the worker's reason if it would reject the message."""
+    obj = event_to_dict(event) if isinstance(event, Event) else event
+    # The contract first, so a bad user_id is reported as such rather than as the key it makes.
+    key = event_from_dict(obj).user_id.encode()
+    try:
+        value = json.dumps(obj, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise EventError("wrong_type", f"event is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise EventError("too_deep", "event nests too deeply to serialise") from None
+    return key, value, check_message(key, value)  # the worker's rule: adds the size limit
+
+
 class EventProducer:
     """Sends website events to ``settings.events_topic``, keyed by ``user_id``.
 
@@ -74,16 +89,7 @@ class EventProducer:
         kept, as the contract allows); an :class:`Event` in canonical form.
         Raises :class:`EventError` (nothing sent) if the worker would reject it.
         """
-        obj = event_to_dict(event) if isinstance(event, Event) else event
-        # The contract first, so a bad user_id is reported as such rather than as the key it makes.
-        key = event_from_dict(obj).user_id.encode()
-        try:
-            value = json.dumps(obj, separators=(",", ":")).encode()
-        except (TypeError, ValueError) as exc:
-            raise EventError("wrong_type", f"event is not JSON-serialisable: {exc}") from None
-        except RecursionError:
-            raise EventError("too_deep", "event nests too deeply to serialise") from None
-        checked = check_message(key, value)  # the worker's rule: adds the size limit
+        key, value, checked = encode_checked(event)
         future = self._producer.send(self.topic, value=value, key=key)
         future.add_errback(self._failed, checked.event_id, checked.user_id)
         return future

@@ -65,6 +65,12 @@ def test_producer_refuses_invalid_events_with_their_reason_before_sending(deploy
         (good(extra={1, 2}), "wrong_type"),  # not JSON-serialisable
         (Event("u1", "view", "i1", "c1", 1_500_000_000, event_id="e2"), "bad_timestamp"),  # seconds, not ms
         (Event("u" * 200, "view", "i1", "c1", now_ms(), event_id="e3"), "field_too_long"),
+        (good(user_id="u\ud800"), "bad_id"),  # the worker's rules: a lone surrogate cannot be UTF-8
+        (good(item_id="  "), "bad_id"),
+        (good(category_id="c\x00"), "bad_id"),
+        (good(price=10 ** 400), "number_out_of_range"),
+        (good(extra=[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]), "too_deep"),
+        (good(timestamp="2025-10-09 08:53:20+00:00"), "bad_timestamp"),
     ]
     with EventProducer(deployment.settings) as producer:
         for event, reason in cases:

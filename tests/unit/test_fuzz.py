@@ -21,21 +21,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import ProfileModel
-from models.events import EVENT_TYPES
-from streams.state import codec as state_codec
+from models.events import EVENT_TYPES, EventError
+from streams.clients.producer import encode_checked
 from streams.pipeline.partitioning import partition_for
-from streams.service.metrics import INVALID_REASONS
 from streams.pipeline.profile_message import profile_message
 from streams.pipeline.source_record import SourceRecord
-from streams.state.codec import StateRecord
 from streams.pipeline.validate import Accepted, validate_record
+from streams.service.metrics import INVALID_REASONS
+from streams.state import codec as state_codec
+from streams.state.codec import StateRecord
 
 NOW = 1_760_000_000_000
 PARTITIONS = 4
 #: Validation's own codes (admission's out_of_order needs a stored state, unprocessable is a gap).
 VALIDATION_REASONS = set(INVALID_REASONS) - {"out_of_order", "unknown_control", "unprocessable"}
 #: Cases per property; the report's fuzz case count is their sum.
-EXAMPLES = {"bytes": 600, "json": 600, "event": 1800}
+EXAMPLES = {"bytes": 600, "json": 600, "event": 1800, "producer": 1000}
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 outcomes: Counter[str] = Counter()
@@ -127,6 +128,19 @@ def test_event_shaped_objects_are_accepted_or_rejected(model: ProfileModel, obj:
     run_pipeline(model, key_of(obj), serialise(obj, encoding))
 
 
+@settings(FUZZ, max_examples=EXAMPLES["producer"])
+@given(obj=events)
+def test_the_producer_client_accepts_or_refuses_with_a_reason(obj: dict[str, Any]) -> None:
+    """The producer client's check (streams/producer.py) on the Python object: the message, or an
+    EventError with one of the worker's reasons -- never another exception."""
+    try:
+        key, value, event = encode_checked(obj)
+    except EventError as exc:
+        assert exc.reason in VALIDATION_REASONS, exc.reason
+        return
+    assert isinstance(validate_record(SourceRecord("events", 0, 0, NOW, key, value), event.timestamp_ms), Accepted)
+
+
 def test_fuzzing_reached_acceptance_and_the_new_rules() -> None:
     """The properties above ran deep: events were accepted and went through the model, and the
     new rules fired (a fuzzer that only ever produced malformed JSON would prove little)."""
@@ -135,3 +149,4 @@ def test_fuzzing_reached_acceptance_and_the_new_rules() -> None:
     assert outcomes["accepted"] >= 300, outcomes
     for reason in ("bad_encoding", "duplicate_key", "bad_id", "malformed_json", "wrong_type"):
         assert outcomes[reason] > 0, (reason, outcomes)
+    print(f"\nfuzz: {sum(outcomes.values())} cases: {dict(outcomes.most_common())}")
