@@ -21,8 +21,8 @@ from streams.broker import EmbeddedBroker
 from streams.changelog import ensure_changelog, partition_for
 from streams.topics import ensure_topics, partition_problem
 
-from .harness import (Deployment, WorkerProcess, assert_matches_replay, expected_last, synthetic, wait_for,
-                      wait_for_counts)
+from .harness import (Deployment, WorkerProcess, assert_matches_replay, expected_last, stream_through, synthetic,
+                      wait_for, wait_for_counts)
 
 HOUR_MS = 3_600_000
 
@@ -118,12 +118,7 @@ def last_offsets(dep: Deployment) -> dict[str, tuple[int, int]]:
 def test_states_beyond_a_recreated_events_topic_are_refused_or_reset(
         deployment: Deployment, model: ProfileModel) -> None:
     first = synthetic(800, users=24, seed=41)
-    worker = deployment.worker().start()
-    try:
-        deployment.produce(first)
-        wait_for_counts(deployment, Counter(e.user_id for e in first))
-    finally:
-        assert worker.stop() == 0
+    stream_through(deployment, first)
     # One user per partition whose state has applied offset >= 20, and one more to come back later.
     old = last_offsets(deployment)
     candidates = sorted((u for u, (_, offset) in old.items() if offset >= 20), key=lambda u: old[u])
