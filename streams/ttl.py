@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 #: States decoded between two yields to the event loop.
-SCAN_CHUNK = 1000
+SCAN_CHUNK = 100
 
 
 def idle_users(entries: Iterable[tuple[bytes, bytes]], model: ProfileModel, cutoff_ms: int) -> list[str]:
