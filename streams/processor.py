@@ -45,6 +45,7 @@ from .model_guard import ModelMismatchError, StateAheadOfLogError, ahead_message
 from .publish import Publisher, profile_message
 from .records import SourceRecord
 from .state_record import StateRecord
+from .ttl import is_idle
 from .validate import Rejection, validate_batch
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,8 @@ class BatchProcessor:
                 if await self._honoured(partition, record, request, value):
                     report.redelivered += 1
                     continue
-                if value is not None and request.idle_before_ms is not None and not self._idle(
-                        state_record.decode(value), request.idle_before_ms):
+                if value is not None and request.idle_before_ms is not None and not is_idle(
+                        state_record.decode(value), self.model, request.idle_before_ms):
                     log.debug("user %r: active since the expire request's cut-off; kept", request.user_id)
                     continue
                 doomed[request.user_id] = request.cause
@@ -258,13 +259,6 @@ class BatchProcessor:
         applied = state_record.decode(value).last_offset
         return applied > record.offset and not await self._ahead_of_log(
             partition, applied, f"user {request.user_id!r}")
-
-    def _idle(self, record: StateRecord, idle_before_ms: int) -> bool:
-        """Whether a state's last event is older than the cut-off.  Another model's state is left to
-        PROFILESTREAM_ON_MODEL_MISMATCH (its codec may not be this model's), so it never counts as idle."""
-        if record.fingerprint != self.model.fingerprint:
-            return False
-        return self.model.decode_state(record.model_state).last_timestamp_ms < idle_before_ms
 
     async def _ahead_of_log(self, partition: int, applied: int, whose: str) -> bool:
         """Whether a state's applied offset lies at or beyond the events partition's end.

@@ -50,20 +50,20 @@ DAY_MS = 86_400_000
 SCAN_CHUNK = 100
 
 
-def idle_users(entries: Iterable[tuple[bytes, bytes]], model: ProfileModel, cutoff_ms: int) -> list[str]:
-    """User ids whose last applied event is older than ``cutoff_ms``.
+def is_idle(record: state_record.StateRecord, model: ProfileModel, cutoff_ms: int) -> bool:
+    """Whether a state's last applied event is older than ``cutoff_ms``.
 
-    State of another model is left alone: its owner decides (see
-    PROFILESTREAM_ON_MODEL_MISMATCH), and its codec may not be this model's.
+    State of another model never is: its owner decides what happens to it
+    (see PROFILESTREAM_ON_MODEL_MISMATCH), and its codec may not be this model's.
     """
-    idle = []
-    for key, value in entries:
-        record = state_record.decode(value)
-        if record.fingerprint != model.fingerprint:
-            continue
-        if model.decode_state(record.model_state).last_timestamp_ms < cutoff_ms:
-            idle.append(key.decode("utf-8"))
-    return idle
+    if record.fingerprint != model.fingerprint:
+        return False
+    return model.decode_state(record.model_state).last_timestamp_ms < cutoff_ms
+
+
+def idle_users(entries: Iterable[tuple[bytes, bytes]], model: ProfileModel, cutoff_ms: int) -> list[str]:
+    """User ids of the (key, state record) entries that are idle at ``cutoff_ms``."""
+    return [key.decode("utf-8") for key, value in entries if is_idle(state_record.decode(value), model, cutoff_ms)]
 
 
 def owned_partitions(app: faust.App, settings: Settings) -> set[int]:
