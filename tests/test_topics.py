@@ -19,6 +19,7 @@ from models import ProfileModel
 from models.events import Event
 from streams.broker import EmbeddedBroker
 from streams.changelog import ensure_changelog, partition_for
+from streams.group_offsets import reset_offsets
 from streams.topics import ensure_topics, partition_problem
 
 from .harness import (Deployment, WorkerProcess, assert_matches_replay, expected_last, stream_through, synthetic,
@@ -136,9 +137,13 @@ def test_states_beyond_a_recreated_events_topic_are_refused_or_reset(
     second = [Event(user, "view", f"i{k}", "c1", start + 1000 * k, None, f"re-{user}-{k}")
               for user in chosen.values() for k in range(2)]
     deployment.produce(second)  # at most 2 records per partition: far below the stored offsets
+    # Deleting a topic drops the group's commits on it; a truncated partition keeps them, beyond its end.
+    asyncio.run(reset_offsets(deployment.settings, {p: 500 for p in range(deployment.partitions)}))
 
     log_text = refusal(deployment.worker())
     assert "refusing to start" in log_text and "recreated or truncated" in log_text
+    assert f"the newest stored state of {topic}[" in log_text
+    assert f"the group's committed offset of {topic}[0] is at offset 500" in log_text
     assert "PROFILESTREAM_ON_MODEL_MISMATCH=reset" in log_text
 
     resetting = deployment.worker(PROFILESTREAM_ON_MODEL_MISMATCH="reset").start()
@@ -146,7 +151,8 @@ def test_states_beyond_a_recreated_events_topic_are_refused_or_reset(
         published = wait_for_counts(deployment, Counter(e.user_id for e in second))
     finally:
         assert resetting.stop() == 0
-    # Not skipped as redelivered: each user started afresh with the recreated topic's events.
+    # Read from the start despite the commit, and not skipped as redelivered: each user started
+    # afresh with the recreated topic's events.
     assert_matches_replay({u: published[u] for u in chosen.values()}, expected_last(model, second))
 
     # Every partition's newest state is now a fresh one, so the start-up probe passes; a user
