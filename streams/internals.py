@@ -150,6 +150,11 @@ class ConsumerHooks(FetchWaitConsumer):
         """Partition -> the offset last committed (where processing resumes)."""
         return self._committed_offset
 
+    def forget_committed(self, tp: TP) -> None:
+        """Drop faust's record of ``tp``'s commit (one beyond the partition's end): while it
+        stands, no offset below it is acked or committed."""
+        self._committed_offset[tp] = None
+
     @property
     def acked_count(self) -> int:
         """Records acked since the last count-triggered commit."""

@@ -129,7 +129,8 @@ class Settings:
         "PROFILESTREAM_STANDBY_REPLICAS", 0, "Faust standby replicas of the state table (warm fail-over).")
     state_ttl_days: float = _env_field(
         "PROFILESTREAM_STATE_TTL_DAYS", 0.0,
-        "Erase users whose last event is older than this many days (state + profile tombstone); "
+        "Erase users whose last event is older than this many days (state + profile tombstone), through "
+        "expire requests on the events topic that the partition's owner applies in order with events; "
         "0 = keep state forever. See docs/reliability.md.")
     state_ttl_sweep_s: float = _env_field(
         "PROFILESTREAM_STATE_TTL_SWEEP_S", 3600.0, "Seconds between idle-state sweeps (with a TTL set).")

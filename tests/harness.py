@@ -21,7 +21,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import rocksdict
@@ -122,9 +122,8 @@ def exact_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     return asyncio.run(go())
 
 
-def persisted_changelog_offsets(data_dir: Path, partitions: int) -> dict[int, int]:
-    """Changelog offset recorded in each state partition's RocksDB (of a stopped worker), where present."""
-    out: dict[int, int] = {}
+def state_databases(data_dir: Path, partitions: int) -> Iterator[tuple[int, rocksdict.Rdict]]:
+    """(partition, read-only RocksDB) of each state partition a stopped (or killed) worker has on disk."""
     for partition in range(partitions):
         path = data_dir / "v1" / "tables" / f"user-state-{partition}.db"
         if not path.exists():
@@ -132,9 +131,16 @@ def persisted_changelog_offsets(data_dir: Path, partitions: int) -> dict[int, in
         db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True),
                              access_type=rocksdict.AccessType.read_only())
         try:
-            value = db.get(b"__faust\0offset__")
+            yield partition, db
         finally:
             db.close()
+
+
+def persisted_changelog_offsets(data_dir: Path, partitions: int) -> dict[int, int]:
+    """Changelog offset recorded in each state partition's RocksDB (of a stopped worker), where present."""
+    out: dict[int, int] = {}
+    for partition, db in state_databases(data_dir, partitions):
+        value = db.get(b"__faust\0offset__")
         if value is not None:
             out[partition] = int(value)
     return out

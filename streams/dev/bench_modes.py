@@ -83,7 +83,8 @@ def worker_settings(args: argparse.Namespace, name: str) -> Any:
     return Settings.from_env(
         bootstrap_servers=args.bootstrap, embedded_broker=args.embedded, app_id=f"{name}-app",
         events_topic=args.topic, profiles_topic=f"{name}.profiles", dlq_topic=f"{name}.dlq",
-        partitions=args.partitions, data_dir=Path(args.data_dir), web_port=free_port(),
+        partitions=args.partitions, replication_factor=1,  # the bench's own one-node embedded broker
+        data_dir=Path(args.data_dir), web_port=free_port(),
         web_host="127.0.0.1", device=args.device, log_level=args.log_level)
 
 

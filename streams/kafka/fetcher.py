@@ -157,7 +157,8 @@ class BatchingConsumer(ConsumerHooks):
         # A commit beyond the partition's end (the topic was recreated or truncated): the client
         # would reset to the log start, and every record below the commit would look processed.
         # Read from the start; the processor then meets the states that lie beyond the end
-        # (streams/pipeline/model_guard.py).
+        # (streams/pipeline/model_guard.py).  faust's record of the commit goes too: it would keep
+        # every offset below it from being acked and committed.
         with_commit = [tp for tp, offset in committed.items() if offset]
         ends = await self.highwaters(*with_commit) if with_commit else {}
         for tp, end in ends.items():
@@ -165,6 +166,7 @@ class BatchingConsumer(ConsumerHooks):
                 log.warning("%s: committed offset %d is beyond the partition's end %d (topic recreated or "
                             "truncated); reading it from its start", tp, committed[tp], end)
                 committed[tp] = None
+                self.forget_committed(tp)
         # Nothing committed (or 0): the consumer starts at the log start (auto_offset_reset=earliest).
         unknown = [tp for tp, offset in committed.items() if not offset]
         starts = await self.earliest_offsets(*unknown) if unknown else {}

@@ -54,7 +54,7 @@ from models.events import MIN_TIMESTAMP_MS, Event, EventError
 from ..state import codec as state_codec
 from ..state.codec import StateRecord
 from .admission import DEFAULT_MAX_LATENESS_MS, Admission, admit
-from .control import ControlRequest, control_request, is_control
+from .control import ControlRequest, control_request, is_control, is_idle
 from .grouping import UserBatch, group_by_user
 from .model_guard import ModelMismatchError, StateAheadOfLogError, ahead_message, mismatch_message
 from .profile_message import profile_message
@@ -399,8 +399,8 @@ class BatchProcessor:
                 if await self._honoured(partition, record, request, value):
                     staged.report.redelivered += 1
                     continue
-                if value is not None and request.idle_before_ms is not None and not self._idle(
-                        state_codec.decode(value), request.idle_before_ms):
+                if value is not None and request.idle_before_ms is not None and not is_idle(
+                        state_codec.decode(value), self.model, request.idle_before_ms):
                     log.debug("user %r: active since the expire request's cut-off; kept", request.user_id)
                     continue
                 doomed[request.user_id] = request.cause
@@ -418,13 +418,6 @@ class BatchProcessor:
         applied = state_codec.decode(value).last_offset
         return applied > record.offset and not await self._ahead_of_log(
             partition, applied, f"user {request.user_id!r}")
-
-    def _idle(self, record: StateRecord, idle_before_ms: int) -> bool:
-        """Whether a state's last event is older than the cut-off.  Another model's state is left to
-        PROFILESTREAM_ON_MODEL_MISMATCH (its codec may not be this model's), so it never counts as idle."""
-        if record.fingerprint != self.model.fingerprint:
-            return False
-        return self.model.decode_state(record.model_state).last_timestamp_ms < idle_before_ms
 
     async def _ahead_of_log(self, partition: int, applied: int, whose: str) -> bool:
         """Whether a state's applied offset lies at or beyond the events partition's end.

@@ -38,7 +38,7 @@ from models import ProfileModel
 
 from ..kafka.client_config import aiokafka_options
 from ..ops.forget import send_control
-from ..pipeline.control import expire_headers
+from ..pipeline.control import expire_headers, is_idle
 from ..settings import Settings
 from ..state import codec as state_codec
 from ..state.store import TableStateStore
@@ -48,23 +48,12 @@ log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 #: States decoded between two yields to the event loop.
-SCAN_CHUNK = 1000
+SCAN_CHUNK = 100
 
 
 def idle_users(entries: Iterable[tuple[bytes, bytes]], model: ProfileModel, cutoff_ms: int) -> list[str]:
-    """User ids whose last applied event is older than ``cutoff_ms``.
-
-    State of another model is left alone: its owner decides (see
-    PROFILESTREAM_ON_MODEL_MISMATCH), and its codec may not be this model's.
-    """
-    idle = []
-    for key, value in entries:
-        record = state_codec.decode(value)
-        if record.fingerprint != model.fingerprint:
-            continue
-        if model.decode_state(record.model_state).last_timestamp_ms < cutoff_ms:
-            idle.append(key.decode("utf-8"))
-    return idle
+    """User ids of the (key, state record) entries that are idle at ``cutoff_ms``."""
+    return [key.decode("utf-8") for key, value in entries if is_idle(state_codec.decode(value), model, cutoff_ms)]
 
 
 def owned_partitions(app: faust.App, settings: Settings) -> set[int]:

@@ -624,6 +624,14 @@ def test_compose_creates_the_topics_the_settings_name(compose: dict[str, Any]) -
     assert f"--partitions {partitions}" in lines[defaults.events_topic]
 
 
+def test_deployments_set_the_replication_factor_explicitly(
+        compose: dict[str, Any], manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    factor = compose["services"]["worker"]["environment"]["PROFILESTREAM_REPLICATION_FACTOR"]
+    assert factor == "1"  # the stack's single broker
+    assert f"--replication-factor {factor}" in compose["services"]["kafka-init"]["command"][0]
+    assert manifests[("ConfigMap", "profilestream")]["data"]["PROFILESTREAM_REPLICATION_FACTOR"] == "3"
+
+
 def test_prometheus_scrapes_the_compose_workers(compose: dict[str, Any]) -> None:
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "profilestream")

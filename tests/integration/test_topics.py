@@ -18,12 +18,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from models import ProfileModel
 from models.events import Event
 from streams.dev.embedded_broker import EmbeddedBroker
+from streams.kafka.group_offsets import reset_offsets
+from streams.kafka.topics import ensure_topics, partition_problem
 from streams.pipeline.partitioning import partition_for
 from streams.state.changelog import ensure_changelog
-from streams.kafka.topics import ensure_topics, partition_problem
 
-from ..harness import (Deployment, WorkerProcess, assert_matches_replay, expected_last, synthetic, wait_for,
-                      wait_for_counts)
+from ..harness import (Deployment, WorkerProcess, assert_matches_replay, expected_last, stream_through, synthetic,
+                       wait_for, wait_for_counts)
 
 HOUR_MS = 3_600_000
 
@@ -119,12 +120,7 @@ def last_offsets(dep: Deployment) -> dict[str, tuple[int, int]]:
 def test_states_beyond_a_recreated_events_topic_are_refused_or_reset(
         deployment: Deployment, model: ProfileModel) -> None:
     first = synthetic(800, users=24, seed=41)
-    worker = deployment.worker().start()
-    try:
-        deployment.produce(first)
-        wait_for_counts(deployment, Counter(e.user_id for e in first))
-    finally:
-        assert worker.stop() == 0
+    stream_through(deployment, first)
     # One user per partition whose state has applied offset >= 20, and one more to come back later.
     old = last_offsets(deployment)
     candidates = sorted((u for u, (_, offset) in old.items() if offset >= 20), key=lambda u: old[u])
@@ -142,9 +138,13 @@ def test_states_beyond_a_recreated_events_topic_are_refused_or_reset(
     second = [Event(user, "view", f"i{k}", "c1", start + 1000 * k, None, f"re-{user}-{k}")
               for user in chosen.values() for k in range(2)]
     deployment.produce(second)  # at most 2 records per partition: far below the stored offsets
+    # Deleting a topic drops the group's commits on it; a truncated partition keeps them, beyond its end.
+    asyncio.run(reset_offsets(deployment.settings, {p: 500 for p in range(deployment.partitions)}))
 
     log_text = refusal(deployment.worker())
     assert "refusing to start" in log_text and "recreated or truncated" in log_text
+    assert f"the newest stored state of {topic}[" in log_text
+    assert f"the group's committed offset of {topic}[0] is at offset 500" in log_text
     assert "PROFILESTREAM_ON_MODEL_MISMATCH=reset" in log_text
 
     resetting = deployment.worker(PROFILESTREAM_ON_MODEL_MISMATCH="reset").start()
@@ -152,7 +152,8 @@ def test_states_beyond_a_recreated_events_topic_are_refused_or_reset(
         published = wait_for_counts(deployment, Counter(e.user_id for e in second))
     finally:
         assert resetting.stop() == 0
-    # Not skipped as redelivered: each user started afresh with the recreated topic's events.
+    # Read from the start despite the commit, and not skipped as redelivered: each user started
+    # afresh with the recreated topic's events.
     assert_matches_replay({u: published[u] for u in chosen.values()}, expected_last(model, second))
 
     # Every partition's newest state is now a fresh one, so the start-up probe passes; a user
