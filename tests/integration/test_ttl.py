@@ -2,7 +2,7 @@
 
 Real worker processes, the embedded broker, real RocksDB.  The sweep
 produces expire requests (control records) and the owning worker applies them
-(streams/ttl.py); these tests stop, kill and rebalance workers around that.
+(streams/service/ttl.py); these tests stop, kill and rebalance workers around that.
 """
 
 from __future__ import annotations
