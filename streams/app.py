@@ -31,6 +31,7 @@ from .publish import Publisher
 from .records import SourceRecord
 from .settings import Settings
 from .state_store import TableStateStore
+from .status import register_status
 from .ttl import sweep as ttl_sweep
 from .web import register_views
 
@@ -164,6 +165,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
 
     register_views(app, metrics, lambda: health.alive)
     register_lookup(app, store, model, settings)
+    register_status(app, metrics, settings, table.name)
 
     @app.timer(settings.monitor_interval_s)
     async def monitor() -> None:

@@ -54,6 +54,16 @@ def bearer_ok(authorization: str | None, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
+def unauthorized(view: View, request: Request, token: str) -> Response | None:
+    """The 401 answer when ``token`` is set and ``request`` does not carry it; None when it may pass.
+
+    Shared by every route the token protects (lookups, /status).
+    """
+    if token and not bearer_ok(request.headers.get("Authorization"), token):
+        return view.error(401, "unauthorized", headers={"WWW-Authenticate": 'Bearer realm="profilestream"'})
+    return None
+
+
 def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> bytes:
     """The profile message of a stored state record, without advancing the state.
 
@@ -82,8 +92,9 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
     @app.page("/users/{user_id}/profile")
     class ProfileLookupView(View):
         async def get(self, request: Request, user_id: str) -> Response:
-            if token and not bearer_ok(request.headers.get("Authorization"), token):
-                return self.error(401, "unauthorized", headers={"WWW-Authenticate": 'Bearer realm="profilestream"'})
+            denied = unauthorized(self, request, token)
+            if denied is not None:
+                return denied
             facts = readiness(app)
             if not facts["recovered"] or facts["rebalancing"]:
                 return self.error(503, "not_ready", headers={"Retry-After": "1"}, **facts)

@@ -26,6 +26,7 @@ import pytest
 from models.events import Event, EventError
 from streams.broker import EmbeddedBroker
 from streams import produce_cli
+from streams.cli_common import EXIT_USAGE, CliError
 from streams.produce_cli import add_produce_command, cmd_produce, paced
 from streams.producer import DeliveryError, EventProducer
 from streams.publish import profile_message
@@ -199,8 +200,9 @@ def test_produce_forever_needs_synthetic(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_produce_command(parser.add_subparsers())
     args = parser.parse_args(["produce", "--data", str(tmp_path / "log.jsonl"), "--forever"])
-    with pytest.raises(SystemExit, match="--forever only applies with --synthetic"):
+    with pytest.raises(CliError, match="--forever only applies with --synthetic") as raised:
         cmd_produce(args)
+    assert raised.value.code == EXIT_USAGE
 
 
 def test_synthetic_events_forever_restamps_each_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
