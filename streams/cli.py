@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaConnectionError
 from kafka.errors import KafkaConnectionError as SyncKafkaConnectionError
 from kafka.errors import KafkaTimeoutError
 
+from models.checkpoint import CheckpointError
 from models.cli import add_commands as add_model_commands
 from models.loaders import FORMATS
 
@@ -111,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                            f"(KAFKA_BOOTSTRAP_SERVERS): {exc}", EXIT_UNAVAILABLE)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         return _fail(args, f"{exc.strerror}: {exc.filename}", EXIT_UNAVAILABLE)
+    except CheckpointError as exc:  # --model: missing, not a checkpoint, corrupt, or for other code
+        return _fail(args, str(exc), EXIT_UNAVAILABLE)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
-    """One line on stderr, as argparse reports usage errors; no traceback for an operator's mistake."""
-    sys.stderr.write(f"profilestream {args.command}: error: {message}\n")
+    """One line on stderr, as argparse reports usage errors; no traceback for an operator's mistake.
+
+    Only the message's first line: some libraries' messages (torch.load's) go on with advice.
+    """
+    first = message.strip().splitlines()[0] if message.strip() else "(no message)"
+    sys.stderr.write(f"profilestream {args.command}: error: {first}\n")
     return code
 
 

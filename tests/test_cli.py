@@ -156,6 +156,10 @@ def test_usual_mistakes_are_one_line_with_their_exit_code(deployment: Deployment
         (["evaluate", "--data", str(missing), "--format", "jsonl"], None, "evaluate", EXIT_UNAVAILABLE,
          f"No such file or directory: {missing}"),
         (["produce", "--data", str(events), "--forever"], None, "produce", EXIT_USAGE, "--forever only applies"),
+        (["evaluate", "--model", str(missing), "--data", str(events), "--format", "jsonl"], None, "evaluate",
+         EXIT_UNAVAILABLE, "does not exist"),
+        (["replay", "--model", str(events), "--data", str(events), "--format", "jsonl", "-o", str(tmp_path / "p")],
+         None, "replay", EXIT_UNAVAILABLE, "is not a readable torch file"),
     ]
     for argv, stdin, command, code, says in cases:
         assert_one_line_error(run_cli(*argv, env=env, stdin=stdin), command, code, says)
