@@ -12,6 +12,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from models.baselines import category_rankings, counts_intent, markov_intent
 from models.events import TYPE_INDEX, Event
@@ -32,10 +33,20 @@ def _category_metrics(ranked: list[list[str]], next_cats: list[str]) -> dict[str
     return {f"recall@{K}": recall, f"mrr@{K}": mrr}
 
 
-def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]]) -> dict[str, Any]:
-    """Metrics of the model and every baseline: ``{"n_users", "n_pairs", "results": {name: {metric: value}}}``."""
+def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]],
+             progress: tqdm | None = None) -> dict[str, Any]:
+    """Metrics of the model and every baseline: ``{"n_users", "n_pairs", "results": {name: {metric: value}}}``.
+
+    ``progress`` counts the users, once through the model, then once through the baselines.
+    """
     sequences = [s for s in sequences if len(s) >= 2]
-    outputs = model.sequence_outputs(sequences)
+    if progress is not None:
+        progress.reset(total=len(sequences))
+        progress.set_description("evaluate: model")
+    outputs = model.sequence_outputs(sequences, progress)
+    if progress is not None:
+        progress.reset(total=len(sequences))
+        progress.set_description("evaluate: baselines")
     params = model.config.baselines
     intents: dict[str, list[np.ndarray]] = {"model": [], "counts": [], "markov": []}
     ranked: dict[str, list[list[str]]] = {"model": [], "cat_recency": [], "cat_frequency": []}
@@ -50,6 +61,8 @@ def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]]) -> dict[
         ranked["model"] += out.top_categories[:-1]
         ranked["cat_recency"] += recency
         ranked["cat_frequency"] += frequency
+        if progress is not None:
+            progress.update()
     types = np.array(next_types)
     results: dict[str, dict[str, float]] = {name: {} for name in ("model", "counts", "markov", "cat_recency",
                                                                    "cat_frequency")}

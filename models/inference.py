@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models import state as state_codec
 from models.checkpoint import CheckpointError, ModelConfig, load_checkpoint
@@ -204,11 +205,13 @@ class ProfileModel:
 
     # -- offline --------------------------------------------------------------
 
-    def sequence_outputs(self, sequences: Sequence[Sequence[Event]]) -> list[SequenceOutputs]:
+    def sequence_outputs(self, sequences: Sequence[Sequence[Event]],
+                         progress: tqdm | None = None) -> list[SequenceOutputs]:
         """Outputs after every event of each full user sequence (from an unseen user's state).
 
         This is the ground truth: users are batched through ``forward`` over
         their whole sequences, longest first to keep padding small.
+        ``progress`` counts the users done.
         """
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         results: list[SequenceOutputs | None] = [None] * len(sequences)
@@ -219,6 +222,8 @@ class ProfileModel:
             chunk = order[start:stop]
             for i, out in zip(chunk, self._forward_users([sequences[i] for i in chunk])):
                 results[i] = out
+            if progress is not None:
+                progress.update(len(chunk))
             start = stop
         return results  # type: ignore[return-value]
 

@@ -33,7 +33,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from tqdm import tqdm
 
 from models.events import Event, EventError, event_from_dict
 
@@ -138,8 +140,8 @@ _MAPPERS: dict[str, tuple[Callable[[Any, int], dict[str, Any]], bool]] = {
 }
 
 
-def parse_events(handle: TextIO, fmt: str) -> LoadResult:
-    """Parse an open text stream of format ``fmt``; see the module docstring."""
+def parse_events(handle: Iterable[str], fmt: str) -> LoadResult:
+    """Parse an open text stream (or any iterable of its lines) of format ``fmt``; see the module docstring."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     result = LoadResult(events=[])
@@ -160,10 +162,24 @@ def parse_events(handle: TextIO, fmt: str) -> LoadResult:
     return result
 
 
-def load_events(path: str | os.PathLike[str], fmt: str) -> LoadResult:
-    """Load a whole file; logs what was skipped so bad input is never silent."""
+def _lines_with_progress(handle: TextIO, progress: tqdm) -> Iterator[str]:
+    """``handle``'s lines; ``progress`` follows the bytes read from the file (checked every few
+    thousand lines: a bar update per line would cost more than parsing short CSV rows)."""
+    progress.reset(total=os.fstat(handle.fileno()).st_size)
+    for i, line in enumerate(handle):
+        if i % 4096 == 0:
+            progress.update(handle.buffer.tell() - progress.n)
+        yield line
+    progress.update(progress.total - progress.n)
+
+
+def load_events(path: str | os.PathLike[str], fmt: str, progress: tqdm | None = None) -> LoadResult:
+    """Load a whole file; logs what was skipped so bad input is never silent.
+
+    ``progress``: a bar that counts the file's bytes as they are parsed.
+    """
     with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        result = parse_events(handle, fmt)
+        result = parse_events(handle if progress is None else _lines_with_progress(handle, progress), fmt)
     level = logging.WARNING if result.malformed else logging.INFO
     log.log(level, "loaded %s: %s", os.fspath(path), result.summary())
     return result

@@ -7,7 +7,7 @@ skipped.  Pacing: as fast as possible (default), ``--rate`` events/s, or
 ``--speedup``.  ``--synthetic N --forever`` never stops (a demo traffic
 source, as in docker-compose.yml): it sends N events over and over, stamped
 from the wall clock, until SIGTERM or Ctrl-C, then flushes and exits 0.
-Exit status 1 when any event was not delivered.
+Exit status 1 when any event was not delivered, 2 for flags that do not go together.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from tqdm import tqdm
 from models.events import Event, EventError, event_from_dict, event_to_dict
 from models.loaders import FORMATS, load_events
 
+from ..cli_common import EXIT_USAGE, CliError, add_json_flag, add_quiet_flag, emit, progress_bar
 from ..clients.producer import DeliveryError, EventProducer
-from ..settings import Settings
 from ..kafka.topics import ensure_topics
+from ..settings import Settings
 from .traffic import SyntheticTraffic
 
 log = logging.getLogger("profilestream.produce")
@@ -100,31 +101,31 @@ def accepted(events: Iterable[Event], refused: Counter[str]) -> Iterator[Event]:
         yield event
 
 
-def produce(producer: EventProducer, events: Iterable[Event], total: int | None,
-            refused: Counter[str]) -> int:
-    """Send everything with a progress bar; events refused on sending are added to ``refused``.
-    Returns how many events were handed to the producer."""
+def produce(producer: EventProducer, events: Iterable[Event], progress: tqdm, refused: Counter[str]) -> int:
+    """Send everything, counting each event on ``progress``; events refused on sending are
+    added to ``refused``.  Returns how many events were handed to the producer."""
     sent = 0
-    with tqdm(events, total=total, unit="ev", desc="produce", dynamic_ncols=True) as bar:
-        for event in bar:
-            try:
-                producer.send(event)
-                sent += 1
-            except EventError as err:
-                refused[err.reason] += 1
-            bar.set_postfix(refused=sum(refused.values()), refresh=False)
+    for event in events:
+        try:
+            producer.send(event)
+            sent += 1
+        except EventError as err:
+            refused[err.reason] += 1
+        progress.update()
+        progress.set_postfix(refused=sum(refused.values()), refresh=False)
     return sent
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
     if args.speedup is not None and not args.preserve_timing:
-        raise SystemExit("--speedup only applies with --preserve-timing")
+        raise CliError("--speedup only applies with --preserve-timing", EXIT_USAGE)
     if args.forever and args.synthetic is None:
-        raise SystemExit("--forever only applies with --synthetic")
+        raise CliError("--forever only applies with --synthetic", EXIT_USAGE)
     settings = Settings.from_env()
     events: Iterable[Event]
     if args.data is not None:
-        loaded = load_events(args.data, args.format)
+        with progress_bar(args, "produce: read log", "B", unit_scale=True) as bar:
+            loaded = load_events(args.data, args.format, progress=bar)
         events, total = loaded.events, len(loaded.events)
         if args.preserve_timing:  # logs like Taobao's are sorted by user, not time; the sort is stable
             events = sorted(loaded.events, key=lambda e: e.timestamp_ms)
@@ -143,14 +144,16 @@ def cmd_produce(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stopping.set())
         events = itertools.takewhile(lambda _: not stopping.is_set(), events)
     try:
-        with EventProducer(settings) as producer:  # closing flushes: DeliveryError if any send failed
-            sent = produce(producer, paced(accepted(events, refused), args.rate, speedup), total, refused)
+        # Closing the producer flushes it: DeliveryError if any send failed.
+        with EventProducer(settings) as producer, progress_bar(args, "produce", "ev", total) as bar:
+            sent = produce(producer, paced(accepted(events, refused), args.rate, speedup), bar, refused)
     except DeliveryError as err:
-        log.error("%s", err)
-        return 1
+        raise CliError(str(err)) from None
     if refused:
         log.warning("refused %d invalid events: %s", sum(refused.values()), dict(refused))
-    log.info("delivered %d events to %s", sent, settings.events_topic)
+    emit(args, {"delivered": sent, "refused": dict(refused), "events_topic": settings.events_topic},
+         f"delivered {sent} events to {settings.events_topic}"
+         + (f"; refused {sum(refused.values())} invalid events" if refused else ""))
     return 0
 
 
@@ -166,7 +169,7 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 def add_produce_command(subparsers: Any) -> None:
     """Register `produce` on the `profilestream` command's sub-parsers."""
     p = subparsers.add_parser("produce", help="replay a behaviour log or synthetic traffic into the events topic",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="log file to replay")
     source.add_argument("--synthetic", type=_positive(int), metavar="N", help="send N synthetic events")
@@ -181,5 +184,7 @@ def add_produce_command(subparsers: Any) -> None:
     p.add_argument("--forever", action="store_true",
                    help="with --synthetic N: send N events over and over until SIGTERM/Ctrl-C "
                         "(an endless traffic source; pair it with --rate)")
+    add_json_flag(p)
+    add_quiet_flag(p)
     p.set_defaults(func=cmd_produce)
 

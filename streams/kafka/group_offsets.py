@@ -45,8 +45,8 @@ async def _events_partitions(consumer: AIOKafkaConsumer, settings: Settings) -> 
 async def committed_offsets(settings: Settings) -> dict[int, int]:
     """partition -> next offset the group will consume; the log start where nothing is committed."""
     consumer = _consumer(settings)
-    await consumer.start()
     try:
+        await consumer.start()
         tps = await _events_partitions(consumer, settings)
         starts = await consumer.beginning_offsets(tps)
         out = {}
@@ -61,8 +61,8 @@ async def committed_offsets(settings: Settings) -> dict[int, int]:
 async def beginning_offsets(settings: Settings) -> dict[int, int]:
     """partition -> first offset still in the events topic."""
     consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         tps = await _events_partitions(consumer, settings)
         return {tp.partition: off for tp, off in (await consumer.beginning_offsets(tps)).items()}
     finally:
@@ -78,8 +78,8 @@ async def reset_offsets(settings: Settings, offsets: dict[int, int], wait_s: flo
     ``wait_s`` for the whole assignment and fails otherwise.
     """
     consumer = _consumer(settings)
-    await consumer.start()
     try:
+        await consumer.start()
         tps = set(await _events_partitions(consumer, settings))
         consumer.subscribe([settings.events_topic])
         deadline = time.monotonic() + wait_s

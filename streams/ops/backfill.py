@@ -27,21 +27,24 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
+from tqdm import tqdm
+
 from models import ProfileModel
 from models.events import Event
 from models.loaders import FORMATS, load_events
 
-from ..state import codec as state_codec
+from ..cli_common import add_json_flag, add_quiet_flag, add_yes_flag, confirm, emit, progress_bar
+from ..kafka.group_offsets import beginning_offsets, reset_offsets
+from ..kafka.topics import ensure_topics
 from ..pipeline.admission import DEFAULT_MAX_LATENESS_MS, admit
 from ..pipeline.partitioning import partition_for
-from ..state.changelog import deliver_records, ensure_changelog
-from ..kafka.group_offsets import beginning_offsets, reset_offsets
 from ..pipeline.profile_message import profile_message
 from ..pipeline.source_record import SourceRecord
-from ..settings import Settings
-from ..state.codec import BACKFILLED, StateRecord
-from ..kafka.topics import ensure_topics
 from ..pipeline.validate import Accepted
+from ..settings import Settings
+from ..state import codec as state_codec
+from ..state.changelog import deliver_records, ensure_changelog
+from ..state.codec import BACKFILLED, StateRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,15 @@ def admitted_sequences(events: Sequence[Event], max_lateness_ms: int = DEFAULT_M
     return out
 
 
-def compute(model: ProfileModel, events: Sequence[Event]) -> list[Backfilled]:
-    """Every user's final state after ``events`` (in log order), batched over whole sequences."""
+def compute(model: ProfileModel, events: Sequence[Event], progress: tqdm | None = None) -> list[Backfilled]:
+    """Every user's final state after ``events`` (in log order), batched over whole sequences.
+
+    ``progress`` counts the users computed.
+    """
     sequences = admitted_sequences(events)
     users = sorted(sequences, key=lambda u: -len(sequences[u][0]))  # longest first: little padding
+    if progress is not None:
+        progress.reset(total=len(users))
     now_ms = int(time.time() * 1000)
     out: list[Backfilled] = []
     start = 0
@@ -93,20 +101,28 @@ def compute(model: ProfileModel, events: Sequence[Event]) -> list[Backfilled]:
             profile = profile_message(user, model.version, now_ms, state.n_events, state.last_timestamp_ms,
                                       result.profile[row], result.intent[row], result.top_categories[row])
             out.append(Backfilled(user, state_codec.encode(record), profile))
+        if progress is not None:
+            progress.update(len(chunk))
     return out
 
 
-async def load(settings: Settings, users: Sequence[Backfilled], publish: bool = True) -> None:
-    """Append the states to the changelog (and profiles to the profile topic); workers must be stopped."""
+async def load(settings: Settings, users: Sequence[Backfilled], publish: bool = True,
+               progress: tqdm | None = None) -> None:
+    """Append the states to the changelog (and profiles to the profile topic); workers must be stopped.
+
+    ``progress`` counts the records acknowledged, topic by topic.
+    """
     await ensure_topics(settings)
     await ensure_changelog(settings)
     await deliver_records(settings, settings.changelog_topic,
                        ((partition_for(u.user_id.encode(), settings.partitions), u.user_id.encode(), u.record)
-                        for u in users))
+                        for u in users), progress)
     if publish:
+        if progress is not None:
+            progress.set_description(f"backfill: {settings.profiles_topic}")
         await deliver_records(settings, settings.profiles_topic,
                            ((partition_for(u.user_id.encode(), settings.partitions), u.user_id.encode(), u.profile)
-                            for u in users))
+                            for u in users), progress)
 
 
 async def rewind(settings: Settings) -> None:
@@ -116,18 +132,27 @@ async def rewind(settings: Settings) -> None:
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    if args.rewind:
+        confirm(args, f"make group {settings.app_id} re-read {settings.events_topic} from its start")
     model = ProfileModel.load(args.model, args.device)
-    events = load_events(args.data, args.format).events
+    with progress_bar(args, "backfill: read log", "B", unit_scale=True) as bar:
+        events = load_events(args.data, args.format, progress=bar).events
     started = time.perf_counter()
-    users = compute(model, events)
+    with progress_bar(args, "backfill: compute", "user") as bar:
+        users = compute(model, events, bar)
     computed = time.perf_counter() - started
     log.info("computed %d users' states from %d events in %.1f s (%.0f events/s) with model %s",
              len(users), len(events), computed, len(events) / max(computed, 1e-9), model.fingerprint)
-    asyncio.run(load(settings, users, publish=not args.no_publish))
+    with progress_bar(args, f"backfill: {settings.changelog_topic}", "rec") as bar:
+        asyncio.run(load(settings, users, publish=not args.no_publish, progress=bar))
     if args.rewind:
         asyncio.run(rewind(settings))
-    log.info("loaded %d states into %s in %.1f s in all", len(users), settings.changelog_topic,
-             time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    emit(args, {"users": len(users), "events": len(events), "model": model.fingerprint,
+                "changelog_topic": settings.changelog_topic, "published": not args.no_publish,
+                "rewound": args.rewind, "seconds": round(seconds, 3)},
+         f"loaded {len(users)} users' states from {len(events)} events into {settings.changelog_topic} "
+         f"in {seconds:.1f} s (model {model.fingerprint})" + ("; group rewound" if args.rewind else ""))
     return 0
 
 
@@ -141,5 +166,8 @@ def add_backfill_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-publish", action="store_true", help="do not publish the backfilled profiles")
     p.add_argument("--rewind", action="store_true",
                    help="also make the worker group re-read the events topic from its start "
-                        "(events up to each user's cut-over are skipped)")
+                        "(events up to each user's cut-over are skipped); asks first unless --yes")
+    add_yes_flag(p)
+    add_json_flag(p)
+    add_quiet_flag(p)
     p.set_defaults(func=_cmd_backfill)

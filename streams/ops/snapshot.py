@@ -36,10 +36,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..state import codec as state_codec
-from ..state.changelog import ChangelogRecord, deliver_records, ensure_changelog, read_latest
+from tqdm import tqdm
+
+from ..cli_common import (EXIT_UNAVAILABLE, CliError, add_json_flag, add_output_flag, add_quiet_flag, add_yes_flag,
+                          confirm, emit, progress_bar)
 from ..kafka.group_offsets import committed_offsets, reset_offsets
 from ..settings import Settings
+from ..state import codec as state_codec
+from ..state.changelog import ChangelogRecord, deliver_records, ensure_changelog, read_latest
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +72,10 @@ def _read_states(path: Path) -> Iterator[ChangelogRecord]:
         pos += 4 + value_len
 
 
-async def take_snapshot(settings: Settings, out_dir: Path) -> dict[str, Any]:
-    """Write the snapshot files; returns the manifest."""
+async def take_snapshot(settings: Settings, out_dir: Path, progress: tqdm | None = None) -> dict[str, Any]:
+    """Write the snapshot files; returns the manifest.  ``progress`` counts changelog records read."""
     offsets = await committed_offsets(settings)  # first: see the module docstring
-    states = await read_latest(settings)
+    states = await read_latest(settings, progress=progress)
     records = [(p, state_codec.decode(v)) for p, v in states.values()]
     max_applied: dict[int, int] = {}
     for partition, rec in records:
@@ -93,43 +97,71 @@ async def take_snapshot(settings: Settings, out_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-async def restore(settings: Settings, snapshot_dir: Path) -> dict[str, Any]:
-    """Make the snapshot the newest state and rewind the group to its offsets (workers stopped)."""
-    manifest = json.loads((snapshot_dir / MANIFEST).read_text())
-    if manifest["format"] != FORMAT:
-        raise ValueError(f"snapshot format {manifest['format']} is not {FORMAT}")
+def read_manifest(snapshot_dir: Path) -> dict[str, Any]:
+    """The snapshot's manifest; :class:`CliError` (exit 3) when ``snapshot_dir`` is not a snapshot."""
+    for path in (snapshot_dir / MANIFEST, snapshot_dir / STATES):
+        if not path.is_file():
+            raise CliError(f"{snapshot_dir} is not a snapshot: {path} does not exist", EXIT_UNAVAILABLE)
+    try:
+        manifest: dict[str, Any] = json.loads((snapshot_dir / MANIFEST).read_text())
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{snapshot_dir / MANIFEST} is not valid JSON: {exc}") from None
+    return manifest
+
+
+async def restore(settings: Settings, snapshot_dir: Path, progress: tqdm | None = None) -> dict[str, Any]:
+    """Make the snapshot the newest state and rewind the group to its offsets (workers stopped).
+
+    ``progress`` counts the records written back to the changelog.
+    """
+    manifest = read_manifest(snapshot_dir)
+    if manifest.get("format") != FORMAT:
+        raise CliError(f"snapshot format {manifest.get('format')} is not {FORMAT}")
     if manifest["partitions"] != settings.partitions:
-        raise ValueError(f"snapshot has {manifest['partitions']} partitions, "
-                         f"PROFILESTREAM_PARTITIONS is {settings.partitions}")
+        raise CliError(f"snapshot has {manifest['partitions']} partitions, "
+                       f"PROFILESTREAM_PARTITIONS is {settings.partitions}")
     records = list(_read_states(snapshot_dir / STATES))
     keep = {key for _, key, _ in records}
     await ensure_changelog(settings)
     doomed = [(p, key, None) for key, (p, _) in (await read_latest(settings)).items() if key not in keep]
-    await deliver_records(settings, settings.changelog_topic, [*records, *doomed])
+    await deliver_records(settings, settings.changelog_topic, [*records, *doomed], progress=progress)
     await reset_offsets(settings, {int(p): o for p, o in manifest["events_offsets"].items()})
-    log.info("restored %d states (%d keys removed) from %s; workers recover them on start",
-             len(records), len(doomed), snapshot_dir)
+    manifest["removed"] = len(doomed)
     return manifest
 
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
-    manifest = asyncio.run(take_snapshot(Settings.from_env(), args.out))
-    log.info("snapshot of %d states (models %s) written to %s", manifest["count"],
-             ", ".join(manifest["fingerprints"]) or "none", args.out)
+    with progress_bar(args, "snapshot: read changelog", "rec") as bar:
+        manifest = asyncio.run(take_snapshot(Settings.from_env(), args.output, bar))
+    emit(args, {**manifest, "output": str(args.output)},
+         f"snapshot of {manifest['count']} states (models {', '.join(manifest['fingerprints']) or 'none'}) "
+         f"written to {args.output}")
     return 0
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    manifest = asyncio.run(restore(Settings.from_env(), args.source))
-    log.info("start the workers with model %s; events after the snapshot are applied again",
-             ", ".join(manifest["fingerprints"]) or "(any)")
+    settings = Settings.from_env()
+    manifest = read_manifest(args.source)  # before asking: a wrong path fails at once
+    confirm(args, f"replace all user state of {settings.app_id} with the {manifest['count']} states of "
+                  f"{args.source} and rewind its offsets on {settings.events_topic}")
+    with progress_bar(args, "restore: write changelog", "rec") as bar:
+        manifest = asyncio.run(restore(settings, args.source, bar))
+    emit(args, {**manifest, "source": str(args.source)},
+         f"restored {manifest['count']} states ({manifest['removed']} keys removed) from {args.source}; "
+         f"start the workers with model {', '.join(manifest['fingerprints']) or '(any)'}: "
+         f"events after the snapshot are applied again")
     return 0
 
 
 def add_snapshot_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("snapshot", help="write a consistent copy of all user state to a directory")
-    p.add_argument("--out", type=Path, required=True, help="directory to write (created if missing)")
+    add_output_flag(p, "directory to write (created if missing)")
+    add_json_flag(p)
+    add_quiet_flag(p)
     p.set_defaults(func=_cmd_snapshot)
     p = subparsers.add_parser("restore", help="bring the state back to a snapshot (stop the workers first)")
     p.add_argument("--from", dest="source", type=Path, required=True, help="snapshot directory")
+    add_yes_flag(p)
+    add_json_flag(p)
+    add_quiet_flag(p)
     p.set_defaults(func=_cmd_restore)

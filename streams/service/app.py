@@ -27,11 +27,12 @@ from ..kafka.client_config import aiokafka_options, ssl_context
 from .lookup import register_lookup
 from .metrics import Metrics
 from .monitor import sample
-from ..pipeline.processor import BatchProcessor, PreparedBatch
 from ..kafka.publisher import Publisher, dead_letter_budget
+from ..pipeline.processor import BatchProcessor, PreparedBatch
 from ..pipeline.source_record import SourceRecord
 from ..settings import Settings
 from ..state.store import TableStateStore
+from .status import register_status
 from .ttl import sweep as ttl_sweep
 from .web import register_views
 
@@ -195,6 +196,7 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
 
     register_views(app, metrics, lambda: health.alive)
     register_lookup(app, store, model, settings, metrics)
+    register_status(app, metrics, settings, table.name)
 
     @app.timer(settings.monitor_interval_s)
     async def monitor() -> None:

@@ -111,6 +111,16 @@ def forwarded_header_ok(value: str, key: bytes | None, path: str, body: bytes, n
     return hmac.compare_digest(signature.encode(), forward_signature(key, timestamp, path, body).encode())
 
 
+def unauthorized(view: View, request: Request, token: str) -> Response | None:
+    """The 401 answer when ``token`` is set and ``request`` does not carry it; None when it may pass.
+
+    Shared by every route the token protects (lookups, /status).
+    """
+    if token and not bearer_ok(request.headers.get("Authorization"), token):
+        return view.error(401, "unauthorized", headers={"WWW-Authenticate": 'Bearer realm="profilestream"'})
+    return None
+
+
 def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> tuple[bytes, int]:
     """The profile message of a stored state record, without advancing the state, and its age
     (ms from the user's newest applied event to now).
@@ -349,8 +359,8 @@ def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel,
         if forwarded is not None:
             if not forwarded_header_ok(forwarded, lookups.key, request.rel_url.raw_path, body):
                 return view.error(401, "bad_forwarded_signature"), True
-        elif token and not bearer_ok(request.headers.get("Authorization"), token):
-            return view.error(401, "unauthorized", headers={"WWW-Authenticate": 'Bearer realm="profilestream"'}), False
+        elif (denied := unauthorized(view, request, token)) is not None:
+            return denied, False
         facts = readiness(app)
         if not facts["recovered"] or facts["rebalancing"]:
             return view.error(503, "not_ready", headers={"Retry-After": str(RETRY_AFTER_S)}, **facts), False

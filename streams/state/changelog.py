@@ -23,6 +23,7 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from tqdm import tqdm
 
 from ..kafka.end_offsets import end_offsets
 from ..kafka.client_config import aiokafka_options
@@ -54,33 +55,46 @@ async def ensure_changelog(settings: Settings) -> None:
         await admin.close()
 
 
-async def deliver_records(settings: Settings, topic: str, records: Iterable[ChangelogRecord]) -> int:
-    """Send records to explicit partitions, in order, and wait until all are acknowledged."""
+async def deliver_records(settings: Settings, topic: str, records: Iterable[ChangelogRecord],
+                       progress: tqdm | None = None) -> int:
+    """Send records to explicit partitions, in order, and wait until all are acknowledged.
+
+    ``progress`` counts the acknowledged records (the slow part on a remote broker).
+    """
     producer = AIOKafkaProducer(**aiokafka_options(settings), linger_ms=5)
-    await producer.start()
     try:
+        await producer.start()
         futures = [await producer.send(topic, value, key=key, partition=partition)
                    for partition, key, value in records]
+        if progress is not None:
+            progress.reset(total=len(futures))
         for future in futures:
             await future
+            if progress is not None:
+                progress.update()
     finally:
         await producer.stop()
     return len(futures)
 
 
-async def read_latest(settings: Settings, timeout_s: float = 120.0) -> dict[bytes, tuple[int, bytes]]:
+async def read_latest(settings: Settings, timeout_s: float = 120.0,
+                      progress: tqdm | None = None) -> dict[bytes, tuple[int, bytes]]:
     """key -> (partition, value) of the newest record per key, up to the end offsets seen at the start.
 
     Tombstoned keys are absent.  Returns {} when the changelog does not exist yet.
+    ``progress`` counts the records read, out of those between the start and end offsets.
     """
     consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         await consumer.topics()
         if not consumer.partitions_for_topic(settings.changelog_topic):
             return {}
         tps = await assign_whole_topic(consumer, settings.changelog_topic)
         ends = await end_offsets(consumer, tps, settings)
+        if progress is not None:
+            starts = await consumer.beginning_offsets(tps)
+            progress.reset(total=sum(max(0, ends[tp] - starts[tp]) for tp in tps))
         latest: dict[bytes, tuple[int, bytes | None]] = {}
         deadline = time.monotonic() + timeout_s
         while not await caught_up(consumer, ends):
@@ -90,6 +104,8 @@ async def read_latest(settings: Settings, timeout_s: float = 120.0) -> dict[byte
                 for rec in batch:
                     if rec.offset < ends[tp]:
                         latest[rec.key] = (tp.partition, rec.value)
+                if progress is not None:
+                    progress.update(sum(rec.offset < ends[tp] for rec in batch))
         return {k: (p, v) for k, (p, v) in latest.items() if v is not None}
     finally:
         await consumer.stop()
@@ -102,8 +118,8 @@ async def newest_values(settings: Settings, tail: int = 16) -> dict[int, bytes]:
     offset it reached): reads only the last ``tail`` records of each partition.
     """
     consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         await consumer.topics()
         partitions = consumer.partitions_for_topic(settings.changelog_topic)
         if not partitions:

@@ -29,6 +29,7 @@ from streams.dev import produce as produce_cli
 from streams.dev.produce import add_produce_command, cmd_produce, paced
 from streams.clients.producer import DeliveryError, EventProducer
 from streams.pipeline.profile_message import profile_message
+from streams.cli_common import EXIT_USAGE, CliError
 from streams.settings import Settings
 from streams.clients.subscriber import ProfileSubscriber
 from streams.dev.traffic import SyntheticTraffic
@@ -205,8 +206,9 @@ def test_produce_forever_needs_synthetic(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_produce_command(parser.add_subparsers())
     args = parser.parse_args(["produce", "--data", str(tmp_path / "log.jsonl"), "--forever"])
-    with pytest.raises(SystemExit, match="--forever only applies with --synthetic"):
+    with pytest.raises(CliError, match="--forever only applies with --synthetic") as raised:
         cmd_produce(args)
+    assert raised.value.code == EXIT_USAGE
 
 
 def test_synthetic_events_forever_restamps_each_chunk(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,7 @@ def test_synthetic_demo_prints_summaries_dumps_profiles_and_cleans_up(tmp_path: 
     before = demo_dirs()
     dump = tmp_path / "profiles.jsonl"
     done = run_demo("--duration", "20", "--rate", "300", "--users", "200", "--summary-every", "3",
-                    "--dump-profiles", str(dump))
+                    "--output", str(dump))
     logs = done.stdout + done.stderr
     assert done.returncode == 0, logs[-3000:]
     summaries = [line for line in logs.splitlines() if "events/s | event->profile p50" in line]
@@ -51,7 +51,7 @@ def test_demo_replays_a_log_completely(tmp_path: Path) -> None:
     log.write_text("".join(json.dumps(event_to_dict(e)) + "\n" for e in events))
     dump = tmp_path / "profiles.jsonl"
     done = run_demo("--data", str(log), "--format", "jsonl", "--rate", "400", "--duration", "20",
-                    "--dump-profiles", str(dump))
+                    "--output", str(dump))
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     profiles = {p["user_id"]: p for p in map(json.loads, dump.read_text().splitlines())}
     assert {u: p["event_count"] for u, p in profiles.items()} == Counter(e.user_id for e in events)

@@ -70,7 +70,7 @@ def profile_records(dep: Deployment, user: str) -> list[dict | None]:
 
 def forget_cli(dep: Deployment, *user_ids: str) -> None:
     """The real command, as an operator runs it."""
-    subprocess.run([sys.executable, "-m", "streams.cli", "forget", *user_ids], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "streams.cli", "forget", "--yes", *user_ids], cwd=REPO, check=True,
                    env=dep.env(dep.tmp / "cli", 0), timeout=60)
 
 

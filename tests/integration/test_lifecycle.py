@@ -150,16 +150,16 @@ def test_restore_then_catch_up_equals_the_live_state(deployment: Deployment, tmp
     try:
         deployment.produce(before)
         wait_for_counts(deployment, Counter(e.user_id for e in before))
-        cli(deployment, "snapshot", "--out", str(tmp_path / "snap"))
+        cli(deployment, "snapshot", "-o", str(tmp_path / "snap"))
         deployment.produce(after)
         wait_for_counts(deployment, Counter(e.user_id for e in before + after))
     finally:
         assert worker.stop() == 0
     manifest = json.loads((tmp_path / "snap" / "manifest.json").read_text())
     assert manifest["count"] == len({e.user_id for e in before}) and len(manifest["events_offsets"]) == 4
-    cli(deployment, "snapshot", "--out", str(tmp_path / "live"))
+    cli(deployment, "snapshot", "-o", str(tmp_path / "live"))
 
-    cli(deployment, "restore", "--from", str(tmp_path / "snap"))
+    cli(deployment, "restore", "--yes", "--from", str(tmp_path / "snap"))
     restored = deployment.worker().start()  # same RocksDB directory: recovery must apply the restore
     try:
         wait_for(lambda: metric_sum(restored.http("/metrics")[1].decode(),
@@ -170,7 +170,7 @@ def test_restore_then_catch_up_equals_the_live_state(deployment: Deployment, tmp
         assert restored.stop() == 0
     # The events after the snapshot were applied again -- possible only if the state went back.
     assert metric_sum(metrics, "profilestream_events_consumed_total") == len(after)
-    cli(deployment, "snapshot", "--out", str(tmp_path / "again"))
+    cli(deployment, "snapshot", "-o", str(tmp_path / "again"))
     live, again = snapshot_states(tmp_path / "live"), snapshot_states(tmp_path / "again")
     assert set(again) == set(live)
     for key, rec in live.items():
