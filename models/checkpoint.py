@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from models.events import EVENT_TYPES
-from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, HASH_SCHEME
+from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, HASH_SCHEME, WIDE_FEATURES
 from models.model import Dims
 
 #: Bump when the meaning of a checkpoint changes incompatibly.
@@ -48,6 +48,7 @@ class ModelConfig:
     event_types: list[str] = field(default_factory=lambda: list(EVENT_TYPES))
     dense_features: list[str] = field(default_factory=lambda: list(DENSE_FEATURES))
     candidate_features: list[str] = field(default_factory=lambda: list(CANDIDATE_FEATURES))
+    wide_features: list[str] = field(default_factory=lambda: list(WIDE_FEATURES))
     split: dict[str, Any] = field(default_factory=dict)       # how train/val/test users were chosen
     baselines: dict[str, Any] = field(default_factory=dict)   # type prior and Markov matrix (training users)
     training: dict[str, Any] = field(default_factory=dict)    # command, data, epochs, validation metrics
@@ -67,7 +68,8 @@ class ModelConfig:
     def check_compatible(self) -> None:
         """Raise :class:`CheckpointError` unless this code computes the inputs the checkpoint expects."""
         expected = {"format": CHECKPOINT_FORMAT, "hash_scheme": HASH_SCHEME, "event_types": list(EVENT_TYPES),
-                    "dense_features": list(DENSE_FEATURES), "candidate_features": list(CANDIDATE_FEATURES)}
+                    "dense_features": list(DENSE_FEATURES), "candidate_features": list(CANDIDATE_FEATURES),
+                    "wide_features": list(WIDE_FEATURES)}
         for name, want in expected.items():
             have = getattr(self, name)
             if have != want:

@@ -7,11 +7,12 @@ import logging
 import time
 
 from models.data import group_by_user, select_users
-from models.evaluate import evaluate, format_table
+from models.evaluate import evaluate, format_summary, format_table, summarize
 from models.inference import ProfileModel, default_checkpoint_path
 from models.loaders import FORMATS, LoadResult, load_events
 from models.model import Dims
 from models.replay import write_replay
+from models.tree_peer import TreePeer
 from models.train import TrainOptions, train_to_file
 from streams.cli_common import Parser, add_json_flag, add_output_flag, add_quiet_flag, emit, progress_bar, show_progress
 
@@ -41,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 item_buckets=args.item_buckets, cat_capacity=args.cat_memory, dropout=args.dropout)
     options = TrainOptions(dims=dims, epochs=args.epochs, batch_users=args.batch_users, lr=args.lr,
                            patience=args.patience, intent_weight=args.intent_weight, weight_decay=args.weight_decay, seed=args.seed, val_frac=args.val_frac,
-                           test_frac=args.test_frac, max_vocab=args.max_vocab, device=args.device)
+                           test_frac=args.test_frac, salt=args.salt, max_vocab=args.max_vocab, device=args.device)
     loaded = _load(args)
     start = time.perf_counter()
     description = {"data": args.data.rsplit("/", 1)[-1], "format": args.format,
@@ -54,12 +55,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    model = ProfileModel.load(args.model, args.device)
-    users = select_users(group_by_user(_load(args).events), model.config.split, args.users)
-    with progress_bar(args, "evaluate", "user") as bar:
-        report = evaluate(model, list(users.values()), bar)
-    report.update(model=model.fingerprint, version=model.version, users=args.users)
-    emit(args, report, format_table(report))
+    everyone = group_by_user(_load(args).events)
+    reports = []
+    for path in args.model or [str(default_checkpoint_path())]:
+        model = ProfileModel.load(path, args.device)
+        split = model.config.split
+        peer = None
+        if not args.no_tree_peer:
+            train_users = select_users(everyone, split, "train")
+            peer = TreePeer.fit(list(train_users.values()))
+            log.info("tree peer fitted on %d training users of split %r", len(train_users), split.get("salt"))
+        with progress_bar(args, "evaluate", "user") as bar:
+            report = evaluate(model, list(select_users(everyone, split, args.users).values()), peer, bar)
+        report.update(model=model.fingerprint, version=model.version, users=args.users, split=split.get("salt"))
+        reports.append(report)
+    if len(reports) == 1:
+        emit(args, reports[0], format_table(reports[0]))
+    else:
+        emit(args, {"splits": reports, **summarize(reports)}, format_summary(reports))
     return 0
 
 
@@ -88,6 +101,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=TrainOptions.seed, help="random seed")
     p.add_argument("--val-frac", type=float, default=TrainOptions.val_frac, help="share of users for validation")
     p.add_argument("--test-frac", type=float, default=TrainOptions.test_frac, help="share of users held out for evaluate --users test")
+    p.add_argument("--salt", default=TrainOptions.salt,
+                   help="salt of the user split's hash (train one checkpoint per salt to evaluate over several splits)")
     p.add_argument("--hidden", type=int, default=defaults.hidden, help="LSTM hidden size")
     p.add_argument("--profile-dim", type=int, default=defaults.profile_dim, help="profile (and category vector) size")
     p.add_argument("--cat-buckets", type=int, default=defaults.cat_buckets, help="rows per category hash table")
@@ -99,11 +114,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_train)
 
-    p = subparsers.add_parser("evaluate", help="metrics of a checkpoint and the baselines on next-event pairs")
-    _add_model_args(p)
+    p = subparsers.add_parser("evaluate", help="metrics of a checkpoint, the baselines and the tree peer on next-event pairs")
+    p.add_argument("--model", action="append",
+                   help="checkpoint (.pt); repeat it with checkpoints trained on other split salts to get every "
+                        "split's table plus the mean and worst split; default: the shipped checkpoint")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     _add_data_args(p)
     p.add_argument("--users", default="all", choices=("all", "train", "val", "test"),
                    help="which users of the file (by the checkpoint's split); use test on the training file")
+    p.add_argument("--no-tree-peer", action="store_true",
+                   help="skip the gradient-boosted tree peer (it needs scikit-learn, the eval extra)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = subparsers.add_parser("replay", help="the model's outputs after every event, as JSON lines")

@@ -4,6 +4,11 @@ A pair is (everything a user did up to event t, event t+1).  Intent is judged
 by one-vs-rest AUC of "next event is a purchase / cart / favorite" over all
 pairs; categories by whether the next event's category is in the top 20
 (recall@20) and how high (MRR@20).
+
+The tree peer (:mod:`models.tree_peer`), when given, is scored on the same
+pairs.  With ~100 test users a split's figures move by a few points, so
+:func:`summarize` reduces the reports of several user splits (one checkpoint
+per split salt) to the mean and the worst split of every figure.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from models.baselines import category_rankings, counts_intent, markov_intent
 from models.events import TYPE_INDEX, Event
 from models.inference import ProfileModel
 from models.metrics import auc, recall_mrr
+from models.tree_peer import TreePeer
 
 AUC_TYPES = ("purchase", "cart", "favorite")
 K = 20
@@ -33,9 +39,10 @@ def _category_metrics(ranked: list[list[str]], next_cats: list[str]) -> dict[str
     return {f"recall@{K}": recall, f"mrr@{K}": mrr}
 
 
-def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]],
+def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]], peer: TreePeer | None = None,
              progress: tqdm | None = None) -> dict[str, Any]:
-    """Metrics of the model and every baseline: ``{"n_users", "n_pairs", "results": {name: {metric: value}}}``.
+    """Metrics of the model, every baseline and (if given) the tree peer:
+    ``{"n_users", "n_pairs", "results": {name: {metric: value}}}``.
 
     ``progress`` counts the users, once through the model, then once through the baselines.
     """
@@ -50,6 +57,8 @@ def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]],
     params = model.config.baselines
     intents: dict[str, list[np.ndarray]] = {"model": [], "counts": [], "markov": []}
     ranked: dict[str, list[list[str]]] = {"model": [], "cat_recency": [], "cat_frequency": []}
+    if peer is not None:
+        intents["tree_peer"], ranked["tree_peer"] = [], []
     next_types, next_cats = [], []
     for seq, out in zip(sequences, outputs):
         next_types += [TYPE_INDEX[e.type] for e in seq[1:]]
@@ -61,11 +70,14 @@ def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]],
         ranked["model"] += out.top_categories[:-1]
         ranked["cat_recency"] += recency
         ranked["cat_frequency"] += frequency
+        if peer is not None:
+            peer_intent, peer_ranked = peer.predict(seq, K)
+            intents["tree_peer"].append(peer_intent[:-1])
+            ranked["tree_peer"] += peer_ranked[:-1]
         if progress is not None:
             progress.update()
     types = np.array(next_types)
-    results: dict[str, dict[str, float]] = {name: {} for name in ("model", "counts", "markov", "cat_recency",
-                                                                   "cat_frequency")}
+    results: dict[str, dict[str, float]] = {name: {} for name in dict.fromkeys([*intents, *ranked])}
     if len(types):
         for name, rows in intents.items():
             results[name].update(_intent_metrics(np.concatenate(rows), types))
@@ -74,11 +86,37 @@ def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]],
     return {"n_users": len(sequences), "n_pairs": len(next_types), "results": results}
 
 
+def summarize(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"mean": {name: {metric}}, "worst": {...}}`` over the splits' reports (every metric: higher is
+    better, so worst = lowest); a predictor or metric missing from a split is left out."""
+    out: dict[str, dict[str, dict[str, float]]] = {"mean": {}, "worst": {}}
+    for name in reports[0]["results"]:
+        for m in METRICS:
+            values = [r["results"].get(name, {}).get(m, math.nan) for r in reports]
+            if any(math.isnan(v) for v in values):
+                continue
+            out["mean"].setdefault(name, {})[m] = float(np.mean(values))
+            out["worst"].setdefault(name, {})[m] = float(min(values))
+    return out
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table, one row per predictor; "-" where a metric does not apply."""
+    return _table(f"{report['n_pairs']} next-event pairs from {report['n_users']} users", report["results"])
+
+
+def format_summary(reports: Sequence[dict[str, Any]]) -> str:
+    """Every split's table, then the mean and the worst split of each figure."""
+    summary = summarize(reports)
+    parts = [format_table(r) if "split" not in r else f"split salt {r['split']}: " + format_table(r) for r in reports]
+    parts += [_table(f"{which} over {len(reports)} splits", summary[which]) for which in ("mean", "worst")]
+    return "\n\n".join(parts)
+
+
+def _table(title: str, results: dict[str, dict[str, float]]) -> str:
     header = f"{'predictor':<14}" + "".join(f"{m:>15}" for m in METRICS)
-    lines = [f"{report['n_pairs']} next-event pairs from {report['n_users']} users", header, "-" * len(header)]
-    for name, values in report["results"].items():
+    lines = [title, header, "-" * len(header)]
+    for name, values in results.items():
         cells = []
         for m in METRICS:
             v = values.get(m)

@@ -38,16 +38,27 @@ DENSE_FEATURES: tuple[str, ...] = (
     *(f"log_count_{t}" for t in EVENT_TYPES), *(f"recent_share_{t}" for t in EVENT_TYPES),
     "item_seen", "log_item_count", *(f"item_had_{t}" for t in EVENT_TYPES), "same_item",
     "cat_seen", "log_cat_count", *(f"cat_had_{t}" for t in EVENT_TYPES), "same_cat", "log_cat_events_since",
+    *(f"log_s_since_{t}" for t in EVENT_TYPES), "new_session", "log_session_events",
 )
 #: Per-candidate features of a remembered category, after the latest event.
 CANDIDATE_FEATURES: tuple[str, ...] = (
     "log_count", "log_events_since", "log_seconds_since", "share", *(f"had_{t}" for t in EVENT_TYPES),
+)
+#: The user's "wide" features after the latest event, read by the intent head beside h (the counters
+#: and last-seen times a tree model would use; see models.tree_peer).
+WIDE_FEATURES: tuple[str, ...] = (
+    *(f"log_share_{t}" for t in EVENT_TYPES), *(f"log_recent_share_{t}" for t in EVENT_TYPES),
+    *(f"had_{t}" for t in EVENT_TYPES), *(f"log_s_since_{t}" for t in EVENT_TYPES),
+    *(f"log_session_{t}" for t in EVENT_TYPES), "log_session_events",
+    "log_item_count", *(f"item_had_{t}" for t in EVENT_TYPES), "log_cat_count", *(f"cat_had_{t}" for t in EVENT_TYPES),
 )
 #: Integer inputs per event: type, category bucket (table A), category bucket (table B), item bucket, price bucket.
 N_INT_INPUTS = 5
 
 #: Per-event decay of ``UserState.recent_types``: a ~10-event memory of what the user is doing now.
 RECENT_DECAY = 0.9
+#: A gap longer than this starts a new session (the usual web-analytics cut; the logs have no session ids).
+SESSION_GAP_MS = 30 * 60 * 1000
 _DAY_S = 86_400.0
 _WEEK_S = 7 * _DAY_S
 _BITS = [1 << i for i in range(N_TYPES)]
@@ -102,8 +113,9 @@ class Candidates:
     features: np.ndarray      # float32 [M, C, len(CANDIDATE_FEATURES)]
     valid: np.ndarray         # bool [M, C]
     labels: list[list[str]]   # M lists of the real category ids, most recent first
-    type_share: np.ndarray    # float32 [M, 2 * types]: log smoothed type shares, all-time (the counts
-                              # baseline's scores) and recent (decayed counts)
+    wide: np.ndarray          # float32 [M, len(WIDE_FEATURES)]: log smoothed type shares, all-time (the
+                              # counts baseline's scores) and recent, time since each type, session counts,
+                              # what the user did to the latest item and category
 
 
 @dataclass
@@ -133,7 +145,7 @@ class FeatureBatch:
 
 
 #: What :meth:`Featurizer._snapshot` keeps of a user: table size, the used rows' keys, counts,
-#: seen_at, seen_ts and flags, then (type counts, decayed type counts, n_events, last ts), labels.
+#: seen_at, seen_ts and flags, then the user's numbers (:data:`_USER_COLUMNS`), labels.
 _Snapshot = tuple[int, list[int], list[int], list[int], list[int], list[int], list[float], list[str]]
 
 
@@ -169,13 +181,19 @@ class Featurizer:
         same_cat = cats.size > 0 and cats.keys[0] == cat_key
         item_count, item_flags, _ = items.touch(item_key, "", bit, n + 1, ts)
         cat_count, cat_flags, cat_seen_at = cats.touch(cat_key, event.category_id, bit, n + 1, ts)
-        counts, recent = state.type_counts, state.recent_types
-        raw = (ts - state.last_timestamp_ms if n else 0, n, ts, *counts, *recent,
-               item_count, item_flags, same_item, cat_count, cat_flags, same_cat, n + 1 - cat_seen_at)
+        counts, recent, session = state.type_counts, state.recent_types, state.session_types
+        gap = ts - state.last_timestamp_ms if n else 0
+        if n == 0 or gap > SESSION_GAP_MS:
+            session[:] = [0] * N_TYPES
+        raw = (gap, n, ts, *counts, *recent,
+               item_count, item_flags, same_item, cat_count, cat_flags, same_cat, n + 1 - cat_seen_at,
+               *(ts - last if last else -1 for last in state.type_last_ms), sum(session))
         ints = (kind, cat_key & 0xFFFFFFFF, cat_key >> 32, item_key % self.item_buckets,
                 price_bucket(event.price, self.price_buckets))
 
         counts[kind] += 1
+        session[kind] += 1
+        state.type_last_ms[kind] = ts
         for j in range(N_TYPES):
             recent[j] *= RECENT_DECAY
         recent[kind] += 1.0
@@ -189,8 +207,11 @@ class Featurizer:
         categories, so padding is left to numpy), then the user's type counts and time."""
         cats = state.categories
         n = cats.size
+        items = state.items
         return (n, cats.keys[:n], cats.counts[:n], cats.seen_at[:n], cats.seen_ts[:n], cats.flags[:n],
-                [*state.type_counts, *state.recent_types, state.n_events, state.last_timestamp_ms],
+                [*state.type_counts, *state.recent_types, *state.type_last_ms, *state.session_types,
+                 items.counts[0], items.flags[0], cats.counts[0], cats.flags[0],
+                 state.n_events, state.last_timestamp_ms],
                 cats.labels[:n])  # type: ignore[index]
 
     def _candidates(self, snaps: list[_Snapshot]) -> Candidates:
@@ -209,10 +230,8 @@ class Featurizer:
         keys, counts, seen_at = column(1, np.uint64), column(2, np.float64), column(3, np.float64)
         seen_ts, flags = column(4, np.float64), column(5, np.int64)
         user = np.fromiter(itertools.chain.from_iterable(s[6] for s in snaps), np.float64,
-                           m * (2 * N_TYPES + 2)).reshape(m, -1)
+                           m * _USER_COLUMNS).reshape(m, -1)
         n_events, now_ts = user[:, -2], user[:, -1]
-        type_counts = user[:, :2 * N_TYPES].reshape(m, 2, N_TYPES)
-        share = np.log((type_counts + self.type_prior) / (type_counts.sum(axis=2, keepdims=True) + 1.0))
         valid = counts > 0
         features = np.empty((m, cap, len(CANDIDATE_FEATURES)), dtype=np.float32)
         features[..., 0] = np.log1p(counts) / 3
@@ -222,8 +241,22 @@ class Featurizer:
         for i, bit in enumerate(_BITS):
             features[..., 4 + i] = (flags & bit) > 0
         features[~valid] = 0.0
-        return Candidates(keys, features, valid, [s[7] for s in snaps],
-                          share.reshape(m, 2 * N_TYPES).astype(np.float32))
+        return Candidates(keys, features, valid, [s[7] for s in snaps], self._wide(user))
+
+    def _wide(self, user: np.ndarray) -> np.ndarray:
+        """[M, user columns of a snapshot] -> [M, len(WIDE_FEATURES)] float32, in WIDE_FEATURES order."""
+        m = len(user)
+        type_counts = user[:, :2 * N_TYPES].reshape(m, 2, N_TYPES)
+        share = np.log((type_counts + self.type_prior) / (type_counts.sum(axis=2, keepdims=True) + 1.0))
+        last_ms, session = user[:, 2 * N_TYPES:3 * N_TYPES], user[:, 3 * N_TYPES:4 * N_TYPES]
+        item_count, item_flags, cat_count, cat_flags = (user[:, 4 * N_TYPES + i] for i in range(4))
+        had = last_ms > 0
+        since = np.where(had, np.log1p(np.maximum(user[:, -1:] - last_ms, 0) / 1000.0) / 10, 0.0)
+        columns = [share.reshape(m, 2 * N_TYPES), had, since, np.log1p(session) / 3,
+                   np.log1p(session.sum(axis=1)) / 3, np.log1p(item_count) / 3,
+                   _FLAG_TABLE[item_flags.astype(np.int64)], np.log1p(cat_count) / 3,
+                   _FLAG_TABLE[cat_flags.astype(np.int64)]]
+        return np.column_stack([c.reshape(m, -1) for c in columns]).astype(np.float32)
 
     def candidates(self, states: Sequence[UserState]) -> Candidates:
         """The memory of users as they are now (no new events)."""
@@ -260,7 +293,12 @@ class Featurizer:
 _GAP, _N, _TS, _COUNTS, _RECENT = 0, 1, 2, slice(3, 3 + N_TYPES), slice(3 + N_TYPES, 3 + 2 * N_TYPES)
 _ITEM_COUNT, _ITEM_FLAGS, _SAME_ITEM, _CAT_COUNT, _CAT_FLAGS, _SAME_CAT, _CAT_SINCE = range(3 + 2 * N_TYPES,
                                                                                       10 + 2 * N_TYPES)
+_TYPE_SINCE = slice(10 + 2 * N_TYPES, 10 + 3 * N_TYPES)
+_SESSION_EVENTS = 10 + 3 * N_TYPES
 _FLAG_TABLE = np.array(_FLAG_FLOATS, dtype=np.float64)
+#: Numbers per user in a snapshot: type counts, decayed counts, last time per type, session counts,
+#: the latest item's count and flags, the latest category's count and flags, n_events, last timestamp.
+_USER_COLUMNS = 4 * N_TYPES + 6
 
 
 def dense_features(raw: np.ndarray) -> np.ndarray:
@@ -279,6 +317,8 @@ def dense_features(raw: np.ndarray) -> np.ndarray:
         raw[:, _SAME_ITEM], cat_count > 0, np.log1p(cat_count) / 3,
         _FLAG_TABLE[raw[:, _CAT_FLAGS].astype(np.int64)], raw[:, _SAME_CAT],
         np.where(cat_count > 0, np.log1p(raw[:, _CAT_SINCE]) / 3, 0.0),
+        np.where(raw[:, _TYPE_SINCE] >= 0, np.log1p(np.maximum(raw[:, _TYPE_SINCE], 0) / 1000.0) / 10, 0.0),
+        raw[:, _SESSION_EVENTS] == 0, np.log1p(raw[:, _SESSION_EVENTS]) / 3,
     ]
     return np.column_stack([c.reshape(len(raw), -1) for c in columns]).astype(np.float32)
 

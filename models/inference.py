@@ -270,18 +270,18 @@ class ProfileModel:
         return tensor
 
     def candidate_tensors(self, cands: Candidates) -> tuple[torch.Tensor, ...]:
-        """(buckets, features, valid, vocab index, type share) tensors on the model's device."""
+        """(buckets, features, valid, vocab index, wide features) tensors on the model's device."""
         return (self.to_device(category_buckets(cands.keys, self.config.dims.cat_buckets)),
                 self.to_device(cands.features), self.to_device(cands.valid),
-                self.to_device(self.vocab.index(cands.keys)), self.to_device(cands.type_share))
+                self.to_device(self.vocab.index(cands.keys)), self.to_device(cands.wide))
 
     def _head_tensor(self, h: torch.Tensor, cands: Candidates) -> torch.Tensor:
         """[M, types + D + 2K] float tensor: intent, profile, top-K indices, top-K scores (one transfer)."""
         net = self.net
-        *memory, type_share = self.candidate_tensors(cands)
+        *memory, wide = self.candidate_tensors(cands)
         profile = net.profile(h)
         top_idx, top_scores = net.top_categories(h, profile, *memory, self.top_k, self._vocab_vectors)
-        intent = torch.softmax(net.intent_logits(h, type_share), dim=1)
+        intent = torch.softmax(net.intent_logits(h, wide), dim=1)
         return torch.cat([intent, profile, top_idx.to(h.dtype), top_scores], dim=1)
 
     def _split_heads(self, host: np.ndarray, cands: Candidates) -> SequenceOutputs:
@@ -304,4 +304,4 @@ def build_network(config: ModelConfig) -> ProfileLSTM:
 
 def _slice(cands: Candidates, start: int, stop: int) -> Candidates:
     return Candidates(cands.keys[start:stop], cands.features[start:stop], cands.valid[start:stop],
-                      cands.labels[start:stop], cands.type_share[start:stop])
+                      cands.labels[start:stop], cands.wide[start:stop])

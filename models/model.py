@@ -2,7 +2,8 @@
 
     event -> [type emb | category vec | item emb | price emb | dense] -> LSTM -> h
     h -> intent   (softmax over the canonical types: what the user does next;
-                   plus a linear read of the user's log type shares)
+                   plus a linear read of the user's wide features -- type shares,
+                   time since each type, session counts: wide & deep)
     h -> profile  (L2-normalised D-dim vector)
     profile . category vec -> next-category scores, for
          * the user's remembered categories (+ an MLP over how recently/often/how
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, N_TYPES
+from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, N_TYPES, WIDE_FEATURES
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [1, B, hidden]
 
@@ -69,8 +70,8 @@ class ProfileLSTM(nn.Module):
         self.c0 = nn.Parameter(torch.zeros(dims.hidden))
         self.drop = nn.Dropout(dims.dropout)
         self.intent_head = nn.Linear(dims.hidden, N_TYPES)
-        self.share_head = nn.Linear(2 * N_TYPES, N_TYPES, bias=False)
-        nn.init.zeros_(self.share_head.weight)
+        self.wide_head = nn.Linear(len(WIDE_FEATURES), N_TYPES, bias=False)
+        nn.init.zeros_(self.wide_head.weight)
         self.profile_head = nn.Linear(dims.hidden, dims.profile_dim)
         self.logit_scale = nn.Parameter(torch.tensor(10.0))
         self.vocab_bias = nn.Parameter(torch.zeros(len(vocab_buckets)))
@@ -152,11 +153,12 @@ class ProfileLSTM(nn.Module):
 
     # -- heads ----------------------------------------------------------------
 
-    def intent_logits(self, h: torch.Tensor, type_share: torch.Tensor) -> torch.Tensor:
-        """Next-type logits from h plus a linear read of the user's log type shares [M, 2 * types]
-        (all-time = the counts baseline, and recent).  The share path starts at zero and
-        learns how much of the counts baseline to keep."""
-        return self.intent_head(self.drop(h)) + self.share_head(type_share)
+    def intent_logits(self, h: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+        """Next-type logits from h plus a linear read of the user's wide features [M, len(WIDE_FEATURES)]
+        (log type shares -- the counts baseline --, time since each type, session counts, the latest
+        item's and category's history).  The wide path starts at zero and learns how much of those
+        plain counters to add to what the LSTM makes of the sequence."""
+        return self.intent_head(self.drop(h)) + self.wide_head(wide)
 
     def profile(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.profile_head(self.drop(h)), dim=-1)

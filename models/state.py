@@ -6,7 +6,9 @@ user keeps two tiny most-recent-first tables -- recent categories (with their
 real ids, the candidates for ``top_categories``) and recent items (hash keys
 only) -- with counts and which event types happened on them.  Both have a
 fixed capacity, so the encoded state is bounded: about 1.1 KB for (h, c) at
-hidden 128 plus ~35 bytes per remembered category and ~13 per item.
+hidden 128 plus ~35 bytes per remembered category and ~13 per item.  A few
+fixed counters (type counts, decayed type counts, the last time of each type,
+the current session's type counts) feed the features that trees find useful.
 
 Tables are plain fixed-length Python lists: updating one per event costs a
 microsecond, and a batch of users turns into ``[B, capacity]`` arrays with a
@@ -22,11 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 #: Encoded-state layout version; bump when the byte layout changes.
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 _MAGIC = b"PS"
 # magic, format, fingerprint(8 bytes), n_events, last_ts, 5 type counts, 5 decayed type counts,
-# hidden, cat cap, n_cats, item cap, n_items
-_HEADER = struct.Struct("<2sB8sQq5I5dHBBBB")
+# 5 last timestamps by type, 5 session type counts, hidden, cat cap, n_cats, item cap, n_items
+_HEADER = struct.Struct("<2sB8sQq5I5d5q5IHBBBB")
 
 
 class StateError(ValueError):
@@ -115,11 +117,14 @@ class UserState:
     last_timestamp_ms: int = 0
     type_counts: list[int] = field(default_factory=lambda: [0] * 5)
     recent_types: list[float] = field(default_factory=lambda: [0.0] * 5)   # type counts decayed per event
+    type_last_ms: list[int] = field(default_factory=lambda: [0] * 5)       # last timestamp of each type, 0 = never
+    session_types: list[int] = field(default_factory=lambda: [0] * 5)      # type counts of the current session
 
     def copy(self) -> "UserState":
         """A copy whose tables can be updated without touching this one (h, c are never mutated)."""
         return UserState(self.h, self.c, self.categories.copy(), self.items.copy(), self.n_events,
-                         self.last_timestamp_ms, self.type_counts[:], self.recent_types[:])
+                         self.last_timestamp_ms, self.type_counts[:], self.recent_types[:], self.type_last_ms[:],
+                         self.session_types[:])
 
 
 @functools.lru_cache(maxsize=256)
@@ -163,7 +168,8 @@ def _unpack_table(data: bytes, offset: int, capacity: int, size: int, labelled: 
 def encode_state(state: UserState, fingerprint: str) -> bytes:
     """Compact little-endian bytes: header, h, c, then the two tables."""
     header = _HEADER.pack(_MAGIC, STATE_FORMAT, bytes.fromhex(fingerprint), state.n_events,
-                          state.last_timestamp_ms, *state.type_counts, *state.recent_types, state.h.shape[0],
+                          state.last_timestamp_ms, *state.type_counts, *state.recent_types, *state.type_last_ms,
+                          *state.session_types, state.h.shape[0],
                           len(state.categories.keys), state.categories.size,
                           len(state.items.keys), state.items.size)
     return b"".join((header, state.h.astype("<f4", copy=False).tobytes(),
@@ -179,7 +185,8 @@ def decode_state(data: bytes, fingerprint: str, hidden: int, cat_capacity: int, 
         raise StateError("corrupt", f"state too short to hold a header ({len(data)} bytes)") from err
     magic, fmt, fp, n_events, last_ts = fields[:5]
     type_counts, recent_types = list(fields[5:10]), list(fields[10:15])
-    hid, cat_cap, n_cats, item_cap, n_items = fields[15:]
+    type_last_ms, session_types = list(fields[15:20]), list(fields[20:25])
+    hid, cat_cap, n_cats, item_cap, n_items = fields[25:]
     if magic != _MAGIC or fmt != STATE_FORMAT:
         raise StateError("corrupt", f"not a ProfileStream state (magic {magic!r}, format {fmt})")
     if fp.hex() != fingerprint:
@@ -197,4 +204,5 @@ def decode_state(data: bytes, fingerprint: str, hidden: int, cat_capacity: int, 
         raise StateError("corrupt", f"state bytes are truncated or garbled: {err}") from err
     if offset != len(data):
         raise StateError("corrupt", f"{len(data) - offset} unexpected trailing bytes in state")
-    return UserState(h, c, categories, items, n_events, last_ts, type_counts, recent_types)
+    return UserState(h, c, categories, items, n_events, last_ts, type_counts, recent_types, type_last_ms,
+                     session_types)

@@ -106,8 +106,8 @@ def _loss(net: ProfileLSTM, data: _Split, users: np.ndarray) -> tuple[torch.Tens
     t_idx, b_idx = padded_index(lengths)
     h = out[torch.from_numpy(t_idx).to(dev), torch.from_numpy(b_idx).to(dev)]
     flat = torch.from_numpy(np.concatenate([np.arange(s, s + n) for s, n in zip(data.starts[users], lengths)])).to(dev)
-    *memory, type_share = (c[flat] for c in data.cand)
-    intent = F.cross_entropy(net.intent_logits(h, type_share), data.next_type[flat], ignore_index=-1)
+    *memory, wide = (c[flat] for c in data.cand)
+    intent = F.cross_entropy(net.intent_logits(h, wide), data.next_type[flat], ignore_index=-1)
     scores = net.category_logits(h, net.profile(h), *memory)
     category = F.cross_entropy(scores, data.next_cat[flat], ignore_index=-1)
     return intent, category

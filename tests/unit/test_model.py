@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,10 @@ def make_model(tmp_path: pathlib.Path, events: list[Event], seed: int = 0) -> Pr
                          baselines=fit_type_baselines(list(users.values())), version="test")
     torch.manual_seed(seed)
     path = tmp_path / f"model{seed}.pt"
-    save_checkpoint(path, config, build_network(config).state_dict())
+    net = build_network(config)
+    with torch.no_grad():
+        net.wide_head.weight.normal_()  # trained nets use the wide path; zero-initialised it would test nothing
+    save_checkpoint(path, config, net.state_dict())
     return ProfileModel.load(path, "cpu")
 
 
@@ -188,11 +192,38 @@ def test_state_round_trip_and_size_bound(tiny, events) -> None:
     back = tiny.decode_state(data)
     assert tiny.encode_state(back) == data
     assert back.n_events == 400 and back.categories.labels == state.categories.labels
+    assert back.type_last_ms == state.type_last_ms and back.session_types == state.session_types
+    assert back.recent_types == state.recent_types and back.type_counts == state.type_counts
     assert np.array_equal(back.h, state.h) and np.array_equal(back.c, state.c)
     d = tiny.config.dims
     bound = 200 + 8 * d.hidden + d.cat_capacity * (27 + 2 + 128 * 4) + tiny.config.item_capacity * 25
     assert len(data) <= bound
     assert tiny.decode_states(tiny.encode_states([state, back])) is not None
+
+
+def with_sessions(events: list[Event]) -> list[Event]:
+    """The same events with a 2-hour pause before every 7th event of each user (new sessions)."""
+    seen: dict[str, int] = {}
+    out = []
+    for e in events:
+        n = seen[e.user_id] = seen.get(e.user_id, 0) + 1
+        out.append(dataclasses.replace(e, timestamp_ms=e.timestamp_ms + (n // 7) * 7_200_000))
+    return out
+
+
+def test_sessions_and_time_since_each_type_are_kept_in_the_state(tiny, events) -> None:
+    """A gap over 30 min starts a new session; step == forward holds across session starts."""
+    users = group_by_user(with_sessions(events))
+    seq = next(s for s in users.values() if len(s) >= 9)[:9]
+    state = tiny.advance([None], [seq]).states[0]
+    assert sum(state.session_types) == 3          # events 7, 8, 9 (the pause comes before the 7th)
+    for kind in EVENT_TYPES:
+        last = [e.timestamp_ms for e in seq if e.type == kind]
+        assert state.type_last_ms[EVENT_TYPES.index(kind)] == (last[-1] if last else 0)
+    sessions = with_sessions(events)
+    assert_matches_replay(tiny, sessions, chunk=lambda: 1)
+    rng = random.Random(2)
+    assert_matches_replay(tiny, sessions, chunk=lambda: rng.randint(1, 5))
 
 
 def test_decode_rejects_corrupt_and_foreign_state(tmp_path, tiny, events) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from models import ProfileModel
@@ -13,6 +14,7 @@ from models.data import group_by_user, select_users, split_of
 from models.evaluate import METRICS, evaluate
 from models.events import event_to_dict
 from models.synthetic import funnel_events
+from models.tree_peer import TreePeer, prefix_features
 
 
 def run_cli(*argv: str) -> int:
@@ -30,10 +32,14 @@ def trained(tmp_path_factory):
     events = funnel_events(n_users=60, events_per_user=(10, 40), seed=5)
     data.write_text("".join(json.dumps(event_to_dict(e)) + "\n" for e in events) + "{broken\n")
     ckpt = root / "tiny.pt"
-    assert run_cli("train", "--data", str(data), "--format", "jsonl", "--out", str(ckpt), "--epochs", "2",
-                   "--hidden", "16", "--profile-dim", "8", "--cat-buckets", "64", "--val-frac", "0.2",
-                   "--test-frac", "0.2", "--device", "cpu") == 0
+    train_tiny(data, ckpt)
     return events, data, ckpt
+
+
+def train_tiny(data, out, *extra: str) -> None:
+    assert run_cli("train", "--data", str(data), "--format", "jsonl", "--out", str(out), "--epochs", "2",
+                   "--hidden", "16", "--profile-dim", "8", "--cat-buckets", "64", "--val-frac", "0.2",
+                   "--test-frac", "0.2", "--device", "cpu", *extra) == 0
 
 
 def test_split_is_deterministic_and_disjoint() -> None:
@@ -58,13 +64,14 @@ def test_evaluate_reports_model_and_every_baseline(trained, capsys) -> None:
     events, data, ckpt = trained
     model = ProfileModel.load(ckpt, device="cpu")
     test_users = select_users(group_by_user(events), model.config.split, "test")
-    report = evaluate(model, list(test_users.values()))
+    peer = TreePeer.fit(list(select_users(group_by_user(events), model.config.split, "train").values()))
+    report = evaluate(model, list(test_users.values()), peer)
     assert report["n_pairs"] == sum(len(s) - 1 for s in test_users.values())
     results = report["results"]
-    assert set(results) == {"model", "counts", "markov", "cat_recency", "cat_frequency"}
-    for name in ("model", "counts", "markov"):
+    assert set(results) == {"model", "counts", "markov", "cat_recency", "cat_frequency", "tree_peer"}
+    for name in ("model", "counts", "markov", "tree_peer"):
         assert 0.0 <= results[name]["auc_cart"] <= 1.0
-    for name in ("model", "cat_recency", "cat_frequency"):
+    for name in ("model", "cat_recency", "cat_frequency", "tree_peer"):
         assert 0.0 < results[name]["recall@20"] <= 1.0 and 0.0 < results[name]["mrr@20"] <= 1.0
 
     assert run_cli("evaluate", "--model", str(ckpt), "--data", str(data), "--format", "jsonl",
@@ -75,3 +82,39 @@ def test_evaluate_reports_model_and_every_baseline(trained, capsys) -> None:
     assert run_cli("evaluate", "--model", str(ckpt), "--data", str(data), "--format", "jsonl") == 0
     table = capsys.readouterr().out
     assert "cat_recency" in table and "auc_purchase" in table
+
+
+def test_evaluate_over_several_splits_reports_mean_and_worst(trained, tmp_path, capsys) -> None:
+    """One checkpoint per split salt; each is scored on its own test users against a peer fit on its own
+    training users, then the mean and worst split of every figure."""
+    _, data, ckpt = trained
+    other = tmp_path / "other_salt.pt"
+    train_tiny(data, other, "--salt", "second")
+    assert ProfileModel.load(other, device="cpu").config.split["salt"] == "second"
+    capsys.readouterr()  # train's own line
+    assert run_cli("evaluate", "--model", str(ckpt), "--model", str(other), "--data", str(data),
+                   "--format", "jsonl", "--users", "test", "--json", "--device", "cpu") == 0
+    printed = json.loads(capsys.readouterr().out)
+    splits = printed["splits"]
+    assert [s["split"] for s in splits] == ["profilestream", "second"]
+    for name in ("model", "tree_peer", "counts", "cat_recency"):
+        for metric, mean in printed["mean"][name].items():
+            values = [s["results"][name][metric] for s in splits]
+            assert mean == pytest.approx(sum(values) / 2) and printed["worst"][name][metric] == min(values)
+    assert run_cli("evaluate", "--model", str(ckpt), "--model", str(other), "--data", str(data),
+                   "--format", "jsonl", "--users", "test", "--device", "cpu", "--no-tree-peer") == 0
+    table = capsys.readouterr().out
+    assert "worst over 2 splits" in table and "tree_peer" not in table
+
+
+def test_tree_peer_features_see_only_the_prefix() -> None:
+    """Row t of a user's features must not change when later events arrive (no look-ahead)."""
+    seq = [e for e in funnel_events(n_users=3, events_per_user=(30, 30), seed=2) if e.user_id == "u1"]
+    full = prefix_features([seq])
+    head = prefix_features([seq[:12]])
+    assert np.array_equal(full.intent[:12], head.intent)
+    keep = full.cand_rows < 12
+    assert np.array_equal(full.cand[keep], head.cand) and np.array_equal(full.cand_rows[keep], head.cand_rows)
+    # candidates are the user's own categories so far, at most 30 per prefix
+    for row, name in zip(full.cand_rows, full.cand_names):
+        assert name in {e.category_id for e in seq[:row + 1]}
