@@ -10,8 +10,8 @@ hidden 128 plus ~35 bytes per remembered category and ~13 per item.  A few
 fixed counters (type counts, decayed type counts, the last time of each type,
 the current session's type counts) feed the features that trees find useful.
 
-Tables are plain fixed-length Python lists: updating one per event costs a
-microsecond, and a batch of users turns into ``[B, capacity]`` arrays with a
+Tables are plain fixed-length Python lists: updating one per event is a few
+list writes, and a batch of users turns into ``[B, capacity]`` arrays with a
 single ``np.array`` call.
 """
 

@@ -3,19 +3,21 @@
 Reading map (data flows one way; start at ``pipeline/processor.py``)::
 
     clients/     what producers and rankers import (no torch, no faust)
-                   producer.EventProducer -> events topic -> ... -> profiles topic -> subscriber.ProfileSubscriber
+                   producer.EventProducer -> events topic -> ... -> profiles topic -> subscriber.ProfileSubscriber;
+                   lookup.LookupClient asks the workers for many users' profiles at once
     pipeline/    the hot path, no Kafka client:
                    source_record -> validate -> grouping -> admission -> models.ProfileModel.advance
-                   -> profile_message; control (forget requests); processor strings them together
+                   -> profile_message; control (forget and TTL expire requests); partitioning (Kafka's
+                   default partitioner); processor strings them together and isolates failing records
     state/       state at rest: codec (the stored record), store (RocksDB), changelog (its topic)
     kafka/       Kafka plumbing: client_config, topics, end/group offsets, delivery guard,
                    record_batches, publisher, fetcher (faust's consumer, batched)
     internals.py every private faust / aiokafka / mode / prometheus-client name we use, and only there
-    service/     the running worker: app (faust wiring), worker, web, lookup, monitor, metrics, ttl
-    ops/         lifecycle commands: backfill, snapshot/restore, forget
-    dev/         developer tools: embedded broker, traffic, demo, produce, bench
+    service/     the running worker: app (faust wiring), worker, web, lookup, status, monitor, metrics, ttl
+    ops/         operators' commands: backfill, snapshot/restore, forget, cluster_status
+    dev/         developer tools: embedded broker, traffic, demo, produce, bench, lookup_bench
     settings.py  every setting, from PROFILESTREAM_* / KAFKA_* env vars
-    cli.py       the ``profilestream`` command
+    cli.py       the ``profilestream`` command; cli_common.py its shared flags, errors and exit codes
 
 Words with one meaning each: a *record* is a Kafka record (``SourceRecord`` in,
 record batches out) except ``StateRecord``, the stored per-user value; a
@@ -36,6 +38,7 @@ _MODULES = {
     ".settings": ["Settings"],
     ".clients.producer": ["EventProducer", "DeliveryError"],
     ".clients.subscriber": ["ProfileSubscriber"],
+    ".clients.lookup": ["LookupClient", "AsyncLookupClient"],
     ".pipeline.validate": ["check_message"],
     ".pipeline.processor": ["BatchProcessor", "BatchReport"],
     ".service.app": ["ProfileStreamApp", "build_app"],

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -206,11 +207,35 @@ class WorkerProcess:
         return self
 
     def http(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        status, _, body = self.request(path, timeout=timeout)
+        return status, body
+
+    def request(self, path: str, body: bytes | None = None, token: str | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) of one HTTP request to this worker: GET, or POST with ``body``."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.web_port}{path}", data=body,
+                                     method="POST" if body is not None else "GET", headers=headers or {})
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=timeout) as resp:
-                return resp.status, resp.read()
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+            return exc.code, dict(exc.headers), exc.read()
+
+    def refusal_log(self, timeout: float = 90.0) -> str:
+        """Start a worker that must refuse to start; its log once it has exited (never ready)."""
+        self.start(wait_ready=False)
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                assert self.http("/readyz")[0] != 200, "a refusing worker must never be ready"
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert self.proc.returncode not in (None, 0), self.log_tail()
+        return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -271,7 +296,7 @@ class WorkerProcess:
             ours = False
             for line in lines:
                 if line.startswith('  File "'):
-                    ours = re.search(r"/streams/(batch_consumer|processor)\.py", line) is not None
+                    ours = re.search(r"/streams/(kafka/fetcher|pipeline/processor)\.py", line) is not None
                     kept.append(line.strip())
                 elif ours and re.match(r"    \w+ = ", line):
                     kept.append("    " + line.strip()[:300])

@@ -46,7 +46,7 @@ from ..kafka.record_batches import send_records
 
 log = logging.getLogger("profilestream.bench")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 #: The event->profile p99 target at half of (c)'s rate (issue 4), which the report checks.
 P99_TARGET_MS = 100.0
 

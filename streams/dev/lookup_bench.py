@@ -165,8 +165,8 @@ def model_cost_ms(batches: Sequence[int], repeats: int = 5) -> dict[int, float]:
 
     from models import ProfileModel, default_checkpoint_path
 
-    from . import state_record
-    from .lookup import current_profiles
+    from ..state import codec as state_record
+    from ..service.lookup import current_profiles
     from .traffic import SyntheticTraffic
 
     torch.set_num_threads(1)

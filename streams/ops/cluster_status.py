@@ -53,9 +53,11 @@ def fetch_status(url: str, token: str, timeout_s: float) -> dict[str, Any]:
     return body
 
 
-def discover(seeds: list[str], token: str, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """url -> /status body (or ``{"error": ...}``) of the seeds and every worker they know of."""
+def discover(seeds: list[str], token: str, timeout_s: float) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """(url -> /status body (or ``{"error": ...}``), url -> when it was read (monotonic s)) of the seeds
+    and every worker they know of; the times let a second reading divide by each worker's own interval."""
     found: dict[str, dict[str, Any]] = {}
+    read_at: dict[str, float] = {}
     pending = [seed.rstrip("/") for seed in seeds]
     asked: set[str] = set()
     while pending:
@@ -71,8 +73,9 @@ def discover(seeds: list[str], token: str, timeout_s: float) -> dict[str, dict[s
         own = status["url"].rstrip("/")  # a seed may name the worker differently (localhost, a Service)
         asked.add(own)
         found[own] = status
+        read_at[own] = time.monotonic()
         pending += [worker.rstrip("/") for worker in status["workers"]]
-    return found
+    return found, read_at
 
 
 async def kafka_offsets(settings: Settings) -> dict[int, tuple[int, int]]:
@@ -91,8 +94,8 @@ async def kafka_offsets(settings: Settings) -> dict[int, tuple[int, int]]:
 def collect(settings: Settings, seeds: list[str], timeout_s: float, sample_s: float) -> dict[str, Any]:
     """The report `status --json` prints."""
     token = settings.lookup_token
-    statuses = discover(seeds, token, timeout_s)
-    started = time.monotonic()
+    statuses, read_at = discover(seeds, token, timeout_s)
+    started = min(read_at.values(), default=time.monotonic())
     kafka_error = None
     try:
         offsets = asyncio.run(kafka_offsets(settings))
@@ -108,7 +111,7 @@ def collect(settings: Settings, seeds: list[str], timeout_s: float, sample_s: fl
                     second = fetch_status(url, token, timeout_s)
                 except WorkerUnavailable:
                     continue
-                elapsed = time.monotonic() - started
+                elapsed = time.monotonic() - read_at[url]
                 rates[url] = round((second["events_consumed_total"] - first["events_consumed_total"]) / elapsed, 1)
     workers = [_worker_row(url, status, rates.get(url)) for url, status in sorted(statuses.items())]
     owners = {p: w["url"] for w in workers for p in w.get("partitions", [])}

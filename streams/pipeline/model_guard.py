@@ -25,9 +25,6 @@ rewrites the states from history (docs/lifecycle.md).
 
 from __future__ import annotations
 
-POLICIES = ("refuse", "reset")
-
-
 class StoredStateError(RuntimeError):
     """Stored state (or the group's position) events must not be applied to; see the policies above."""
 

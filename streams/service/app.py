@@ -4,7 +4,7 @@ feeds fetched batches of raw events to :class:`~streams.pipeline.processor.Batch
 Faust owns what it is good at -- consumer-group membership, rebalancing,
 table partition assignment, changelog recovery, offset commits and the worker
 lifecycle.  Everything per event happens in the processor, once per batch;
-``batch_consumer.py`` explains why records skip faust's per-event stream.
+``streams/kafka/fetcher.py`` explains why records skip faust's per-event stream.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def faust_config(settings: Settings) -> dict[str, object]:
 
 
 #: The embedded broker holds a fetch for part of its max wait even when records are
-#: there (see batch_consumer.FetchWaitConsumerThread), so a short wait is its latency.
+#: there (see streams.internals.FetchWaitConsumerThread), so a short wait is its latency.
 EMBEDDED_FETCH_MAX_WAIT_MS = 10
 
 

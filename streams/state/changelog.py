@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from ..kafka.end_offsets import end_offsets
 from ..kafka.client_config import aiokafka_options
-from ..pipeline.partitioning import partition_for
 from ..settings import Settings
 from ..kafka.topics import assign_whole_topic, caught_up
 

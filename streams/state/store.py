@@ -111,14 +111,6 @@ class TableStateStore:
                 break
         return out
 
-    def find(self, key: bytes) -> tuple[int, bytes] | None:
-        """(partition, value) of a key held by this worker, searching its partitions."""
-        for partition in sorted(open_partitions(self.table)):
-            value = self._db(partition).get(key)
-            if value is not None:
-                return partition, value
-        return None
-
     def count(self) -> int:
         """Approximate number of users held locally (RocksDB's key estimate)."""
         total = 0

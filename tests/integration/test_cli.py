@@ -242,7 +242,7 @@ def test_progress_bars_count_the_work(deployment: Deployment, model: ProfileMode
     assert bar.n == bar.total == 40
 
     bar = counting_bar()
-    report = evaluate(model, list(group_by_user(loaded.events).values()), bar)
+    report = evaluate(model, list(group_by_user(loaded.events).values()), progress=bar)
     assert bar.n == bar.total == report["n_users"]
 
 

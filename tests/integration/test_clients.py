@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -295,14 +293,7 @@ def test_subscriber_waits_for_a_missing_topic_and_closes_promptly(broker: Embedd
 
 
 def http_get(worker: WorkerProcess, path: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}{path}")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    return worker.request(path, token=token, timeout=10)
 
 
 @dataclasses.dataclass

@@ -12,8 +12,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -201,15 +199,7 @@ class Cluster:
 def request(worker: WorkerProcess, path: str, body: Any = None, token: str | None = TOKEN,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
-    req = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}{path}", data=data,
-                                 method="POST" if data is not None else "GET", headers=headers or {})
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    return worker.request(path, data, token, headers)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ deletes topics, so a recreated events topic is the real thing here.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from streams.kafka.topics import ensure_topics, partition_problem
 from streams.pipeline.partitioning import partition_for
 from streams.state.changelog import ensure_changelog
 
-from ..harness import (Deployment, WorkerProcess, assert_matches_replay, expected_last, stream_through, synthetic,
+from ..harness import (Deployment, assert_matches_replay, expected_last, stream_through, synthetic,
                        wait_for, wait_for_counts)
 
 HOUR_MS = 3_600_000
@@ -52,21 +51,6 @@ def delete_topic(bootstrap: str, topic: str) -> None:
         finally:
             await admin.close()
     asyncio.run(go())
-
-
-def refusal(worker: WorkerProcess, timeout: float = 120.0) -> str:
-    """Start a worker that must refuse to start; its log once it has exited (never ready)."""
-    worker.start(wait_ready=False)
-    assert worker.proc is not None
-    deadline = time.monotonic() + timeout
-    while worker.proc.poll() is None and time.monotonic() < deadline:
-        try:
-            assert worker.http("/readyz")[0] != 200, "a refusing worker must never be ready"
-        except OSError:
-            pass
-        time.sleep(0.2)
-    assert worker.proc.returncode not in (None, 0), worker.log_tail()
-    return worker.log_path.read_text(errors="replace")
 
 
 def test_every_topic_gets_the_configured_replication_factor(broker: EmbeddedBroker, tmp_path: Path) -> None:
@@ -99,14 +83,14 @@ def test_partition_problems_name_both_counts_and_the_fix(deployment: Deployment)
 def test_worker_refuses_when_events_and_changelog_partitions_differ(deployment: Deployment) -> None:
     asyncio.run(ensure_changelog(Deployment(deployment.bootstrap, deployment.tmp, partitions=2,
                                             name=deployment.name).settings))
-    log_text = refusal(deployment.worker())
+    log_text = deployment.worker().refusal_log(120.0)
     assert "refusing to start" in log_text
     assert f"{deployment.settings.events_topic} has 4 partitions" in log_text
     assert f"{deployment.settings.changelog_topic} has 2" in log_text and "Fix:" in log_text
 
 
 def test_worker_refuses_when_its_partition_setting_differs_from_the_events_topic(deployment: Deployment) -> None:
-    log_text = refusal(deployment.worker(PROFILESTREAM_PARTITIONS="2"))
+    log_text = deployment.worker(PROFILESTREAM_PARTITIONS="2").refusal_log(120.0)
     assert "has 4 partitions, PROFILESTREAM_PARTITIONS is 2" in log_text
     assert "PROFILESTREAM_PARTITIONS=4" in log_text
     assert deployment.settings.changelog_topic not in replicas_of(deployment.bootstrap, deployment.name)
@@ -141,7 +125,7 @@ def test_states_beyond_a_recreated_events_topic_are_refused_or_reset(
     # Deleting a topic drops the group's commits on it; a truncated partition keeps them, beyond its end.
     asyncio.run(reset_offsets(deployment.settings, {p: 500 for p in range(deployment.partitions)}))
 
-    log_text = refusal(deployment.worker())
+    log_text = deployment.worker().refusal_log(120.0)
     assert "refusing to start" in log_text and "recreated or truncated" in log_text
     assert f"the newest stored state of {topic}[" in log_text
     assert f"the group's committed offset of {topic}[0] is at offset 500" in log_text

@@ -131,7 +131,7 @@ def test_event_shaped_objects_are_accepted_or_rejected(model: ProfileModel, obj:
 @settings(FUZZ, max_examples=EXAMPLES["producer"])
 @given(obj=events)
 def test_the_producer_client_accepts_or_refuses_with_a_reason(obj: dict[str, Any]) -> None:
-    """The producer client's check (streams/producer.py) on the Python object: the message, or an
+    """The producer client's check (streams/clients/producer.py) on the Python object: the message, or an
     EventError with one of the worker's reasons -- never another exception."""
     try:
         key, value, event = encode_checked(obj)
