@@ -626,7 +626,10 @@ def test_compose_creates_the_topics_the_settings_name(compose: dict[str, Any]) -
 
 def test_deployments_set_the_replication_factor_explicitly(
         compose: dict[str, Any], manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
-    factor = compose["services"]["worker"]["environment"]["PROFILESTREAM_REPLICATION_FACTOR"]
+    factors = {name: service["environment"]["PROFILESTREAM_REPLICATION_FACTOR"]
+               for name, service in compose["services"].items() if name.startswith("worker-")}
+    assert set(factors) == {"worker-0", "worker-1"}
+    (factor,) = set(factors.values())
     assert factor == "1"  # the stack's single broker
     assert f"--replication-factor {factor}" in compose["services"]["kafka-init"]["command"][0]
     assert manifests[("ConfigMap", "profilestream")]["data"]["PROFILESTREAM_REPLICATION_FACTOR"] == "3"
