@@ -42,28 +42,29 @@ class CliError(Exception):
         self.code = code
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Module docstrings kept as written, and every option's default shown in its help.
+class Parser(argparse.ArgumentParser):
+    """The parser class of every `profilestream` sub-command: docstrings kept as written, and
+    every option's default shown in its help.
 
     argparse's ArgumentDefaultsHelpFormatter would also print "(default: None)"
     for required options and "(default: False)" for flags, which says nothing;
-    a help text that states its default itself ("default: ...") is left as written.
+    a help text that states its default itself ("default: ...") is left as
+    written.  The text is set where the option is added (a public method), not
+    in a formatter subclass, whose methods argparse calls implementation details.
     """
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if ("%(default)" in text or "default:" in text or action.required or action.default in (None, False, argparse.SUPPRESS)
-                or not action.option_strings):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class Parser(argparse.ArgumentParser):
-    """The parser class of every `profilestream` sub-command: :class:`HelpFormatter` by default."""
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a renamed flag fails loudly instead of matching a prefix
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        text = action.help or ""
+        if not ("%(default)" in text or "default:" in text or action.required or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            action.help = f"{text} (default: %(default)s)"
+        return action
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -64,16 +64,27 @@ def provided(*extras: str) -> set[str]:
 
 
 #: Import name of each distribution whose import name differs from its own.
-DISTRIBUTION_IMPORTS = {"kafka-python": "kafka", "faust-streaming": "faust", "mode-streaming": "mode"}
+DISTRIBUTION_IMPORTS = {"kafka-python": "kafka", "faust-streaming": "faust", "mode-streaming": "mode",
+                        "scikit-learn": "sklearn"}
 #: Imported directly but installed by faust-streaming, whose web server they are.
 VIA_FAUST = {"aiohttp", "yarl"}
 
 
+#: `profilestream evaluate`'s tree peer: scikit-learn comes with the eval extra, never the worker's.
+EVAL_ONLY = REPO / "models" / "tree_peer.py"
+
+
 def test_the_worker_extra_holds_what_the_worker_and_model_import() -> None:
     paths = [p for p in (REPO / "streams").rglob("*.py") if "dev" not in p.relative_to(REPO).parts]
-    paths += list((REPO / "models").rglob("*.py"))
+    paths += [p for p in (REPO / "models").rglob("*.py") if p != EVAL_ONLY]
     missing = imported_packages(paths) - provided("worker") - VIA_FAUST
     assert not missing, f"imported by the worker or the model but not in the worker extra: {sorted(missing)}"
+
+
+def test_the_eval_extra_holds_what_the_tree_peer_imports() -> None:
+    missing = imported_packages([EVAL_ONLY]) - provided("worker", "eval")
+    assert not missing, f"imported by the tree peer but in neither the worker nor the eval extra: {sorted(missing)}"
+    assert "sklearn" in imported_packages([EVAL_ONLY]) and "sklearn" not in provided("worker")
 
 
 def test_the_dev_extra_holds_what_the_developer_tools_import() -> None:
