@@ -36,11 +36,17 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
 
 
 async def ensure_topics(settings: Settings) -> None:
+    """Create the service's topics (events, profiles, dead letters) where missing."""
+    await create_missing(settings, topic_specs(settings))
+
+
+async def create_missing(settings: Settings, specs: list[NewTopic]) -> None:
+    """Create those of ``specs`` that do not exist yet (several tools may race to it: fine)."""
     admin = AIOKafkaAdminClient(**aiokafka_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in topic_specs(settings) if t.name not in existing]
+        missing = [t for t in specs if t.name not in existing]
         if not missing:
             return
         try:

@@ -16,21 +16,17 @@ client and aiokafka/kafka-python do): :func:`~streams.pipeline.partitioning.part
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin import NewTopic
 from tqdm import tqdm
 
 from ..kafka.end_offsets import end_offsets
 from ..kafka.client_config import aiokafka_options
 from ..settings import Settings
-from ..kafka.topics import assign_whole_topic, caught_up
-
-log = logging.getLogger(__name__)
+from ..kafka.topics import assign_whole_topic, caught_up, create_missing
 
 #: (partition, key, value); value None is a tombstone.
 ChangelogRecord = tuple[int, bytes, bytes | None]
@@ -38,20 +34,8 @@ ChangelogRecord = tuple[int, bytes, bytes | None]
 
 async def ensure_changelog(settings: Settings) -> None:
     """Create the changelog as faust would (compacted, one partition per table partition) if missing."""
-    admin = AIOKafkaAdminClient(**aiokafka_options(settings))
-    await admin.start()
-    try:
-        if settings.changelog_topic in set(await admin.list_topics()):
-            return
-        try:
-            await admin.create_topics([NewTopic(settings.changelog_topic, settings.partitions,
-                                                settings.replication_factor,
-                                                topic_configs={"cleanup.policy": "compact"})])
-        except TopicAlreadyExistsError:
-            pass
-        log.info("created topic %s", settings.changelog_topic)
-    finally:
-        await admin.close()
+    await create_missing(settings, [NewTopic(settings.changelog_topic, settings.partitions, settings.replication_factor,
+                                             topic_configs={"cleanup.policy": "compact"})])
 
 
 async def deliver_records(settings: Settings, topic: str, records: Iterable[ChangelogRecord],
