@@ -263,7 +263,10 @@ def validate_batch(records: Sequence[SourceRecord], now_ms: int,
     """
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
+    counts: dict[str, int | None] = {}  # asked once per topic and batch, not per event
     for record in records:
-        outcome = validate_record(record, now_ms, partitions_of(record.topic))
+        if record.topic not in counts:
+            counts[record.topic] = partitions_of(record.topic)
+        outcome = validate_record(record, now_ms, counts[record.topic])
         (accepted if isinstance(outcome, Accepted) else rejected).append(outcome)  # type: ignore[arg-type]
     return accepted, rejected
