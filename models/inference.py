@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import pathlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -76,6 +77,10 @@ class StepResult:
     intent: np.ndarray                  # float32 [B, len(EVENT_TYPES)], rows sum to 1
     profile: np.ndarray                 # float32 [B, profile_dim], L2-normalised
     top_categories: list[list[str]]     # up to top_k real category ids per user, best first
+    #: Wall seconds of the recurrent step and of the heads (on CUDA the step's kernels are only
+    #: queued in the first, and waited for in the second, which ends with the one host copy).
+    step_seconds: float = 0.0
+    heads_seconds: float = 0.0
 
 
 @dataclass
@@ -177,17 +182,22 @@ class ProfileModel:
 
     def _step(self, new_states: list[UserState], batch: FeatureBatch, h0: np.ndarray, c0: np.ndarray) -> StepResult:
         hidden = self.config.dims.hidden
+        started = time.perf_counter()
         with torch.no_grad():
             state = (self.to_device(h0), self.to_device(c0))
             h, (h_n, c_n) = self.net.step_many(state, self.to_device(batch.ints), self.to_device(batch.dense),
                                                torch.from_numpy(batch.lengths))
+            stepped = time.perf_counter()
             head = self._head_tensor(h, batch.candidates)
             host = torch.cat([h_n[0], c_n[0], head], dim=1).cpu().numpy()  # the one device->host sync
         outputs = self._split_heads(host[:, 2 * hidden:], batch.candidates)
         for i, s in enumerate(new_states):
-            s.h = host[i, :hidden]
-            s.c = host[i, hidden:2 * hidden]
-        return StepResult(new_states, outputs.intent, outputs.profile, outputs.top_categories)
+            # A row of its own per user: a view into ``host`` would keep the whole batch's
+            # outputs alive for as long as any one of its users' states is kept (a cache).
+            hc = host[i, :2 * hidden].copy()
+            s.h, s.c = hc[:hidden], hc[hidden:]
+        return StepResult(new_states, outputs.intent, outputs.profile, outputs.top_categories,
+                          stepped - started, time.perf_counter() - stepped)
 
     def predict(self, states: Sequence[UserState]) -> StepResult:
         """Outputs of users' current states without new events: what their last ``advance`` returned."""

@@ -51,11 +51,9 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_to_message"),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_buffered_partitions", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_read_offset", per_instance=True),
-    PrivateName("faust.transport.drivers.aiokafka.Consumer", "_commit_every", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_committed_offset", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_acked", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_acked_index", per_instance=True),
-    PrivateName("faust.transport.drivers.aiokafka.Consumer", "_n_acked", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_unacked_messages", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_waiting_for_ack", per_instance=True),
     PrivateName("mode.Service", "_stopped", per_instance=True),
@@ -141,11 +139,6 @@ class ConsumerHooks(FetchWaitConsumer):
         return self._read_offset
 
     @property
-    def commit_every(self) -> Optional[int]:
-        """Commit after this many acked records (``broker_commit_every``), if set."""
-        return self._commit_every
-
-    @property
     def committed_offsets(self) -> Mapping[TP, Optional[int]]:
         """Partition -> the offset last committed (where processing resumes)."""
         return self._committed_offset
@@ -154,15 +147,6 @@ class ConsumerHooks(FetchWaitConsumer):
         """Drop faust's record of ``tp``'s commit (one beyond the partition's end): while it
         stands, no offset below it is acked or committed."""
         self._committed_offset[tp] = None
-
-    @property
-    def acked_count(self) -> int:
-        """Records acked since the last count-triggered commit."""
-        return self._n_acked
-
-    @acked_count.setter
-    def acked_count(self, value: int) -> None:
-        self._n_acked = value
 
     async def add_gap(self, tp: TP, start: int, end: int) -> None:
         """Mark offsets ``start..end`` of ``tp`` as absent, so commits can pass them."""
@@ -189,7 +173,6 @@ class ConsumerHooks(FetchWaitConsumer):
                 new = [o for o in tp_offsets if (committed is None or o >= committed) and o not in index]
                 index.update(new)
                 self._acked[tp].extend(new)
-                self._n_acked += len(new)
             self._unacked_messages.discard(pending)
             notify(self._waiting_for_ack)
 

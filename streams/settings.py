@@ -64,6 +64,16 @@ class Settings:
         "PROFILESTREAM_OVERLAP_MIN_EVENTS", 500,
         "A fetched batch of at least this many events means the worker is behind: the next batch is "
         "prepared while this one's model step runs (throughput); smaller ones are applied first (latency).")
+    state_cache_users: int = _env_field(
+        "PROFILESTREAM_STATE_CACHE_USERS", 20000,
+        "Users whose decoded state a worker keeps in memory, least recently used evicted (written to "
+        "RocksDB first when changed). Changed states are written to RocksDB and the changelog once per "
+        "commit, not per batch (docs/performance.md gives the memory per user). 0 writes every batch "
+        "through.")
+    commit_interval_s: float = _env_field(
+        "PROFILESTREAM_COMMIT_INTERVAL_S", 1.0,
+        "Seconds between offset commits; each first writes the changed cached states to RocksDB and the "
+        "changelog. Longer: fewer writes of users active within it, more events read again after a crash.")
     producer_batch_bytes: int = _env_field(
         "PROFILESTREAM_PRODUCER_BATCH_BYTES", 1_000_000,
         "Largest produce batch per partition; a full batch makes a send wait, so Kafka's usual 16384 "
@@ -183,6 +193,10 @@ class Settings:
             problems.append("PROFILESTREAM_OVERLAP_MIN_EVENTS must be >= 1")
         if self.torch_threads < 0:
             problems.append("PROFILESTREAM_TORCH_THREADS must be >= 0 (0 = torch's default)")
+        if self.state_cache_users < 0:
+            problems.append("PROFILESTREAM_STATE_CACHE_USERS must be >= 0 (0 = write every batch through)")
+        if self.commit_interval_s <= 0:
+            problems.append("PROFILESTREAM_COMMIT_INTERVAL_S must be > 0")
         if self.producer_batch_bytes < 16384:
             problems.append("PROFILESTREAM_PRODUCER_BATCH_BYTES must be >= 16384")
         if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:

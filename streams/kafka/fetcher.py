@@ -30,6 +30,12 @@ with an agent -- and faust's rebalance code still waits for unacked records
 before revoking: the record that makes it wait is registered when the batch
 is fetched.
 
+Offsets are committed by faust's commit timer (PROFILESTREAM_COMMIT_INTERVAL_S),
+on rebalance and at shutdown, not also every N records from inside this loop as
+faust's own loop does: a commit first flushes the write-behind state cache
+(streams/state/cache.py), which from a task of its own runs between batches
+instead of holding up the ones behind it.
+
 Records of a batch topic are handed over strictly in offset order from the
 committed offset on: per partition, only the record at the next expected
 offset is processed.  Admission (streams/pipeline/admission.py) skips every event at or
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set
 
 import faust
@@ -62,6 +69,7 @@ from mode import ServiceT
 
 from ..internals import ConsumerHooks, FetchWaitConsumer, FetchWaitConsumerThread, stop_requested
 from ..pipeline.source_record import SourceRecord
+from ..pipeline.stages import StageClock
 from .delivery import DeliveryGuard
 from .end_offsets import EndOffsetProbe
 
@@ -85,6 +93,10 @@ class BatchingConsumer(ConsumerHooks):
     #: Embedded broker only: corrects its end offsets (streams/kafka/end_offsets.py), which
     #: faust's changelog recovery and the lag monitor read through :meth:`highwaters`.
     end_offset_probe: EndOffsetProbe | None = None
+    #: Set by :func:`install`: run before every commit (the state cache's flush); False refuses it.
+    before_commit: Callable[[], Awaitable[bool]] | None = None
+    #: Set by :func:`install`: where the hand-off from fetch to handler is timed.
+    clock: StageClock | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -110,10 +122,15 @@ class BatchingConsumer(ConsumerHooks):
         """faust's commit, refused once an output was not delivered (streams/kafka/delivery.py).
 
         Every commit (periodic, on rebalance, on shutdown) comes here.  The
-        outputs of the batches being committed were handed to the client
-        before they were acked; the guard waits until each has been delivered
-        or has failed before it decides (faust's own flush follows, for anything else).
+        state cache is flushed first (``before_commit``), so the committed
+        records' states are in RocksDB and handed to the client like every
+        other output of the batches being committed; the guard waits until
+        each has been delivered or has failed before it decides (faust's own
+        flush follows, for anything else).
         """
+        if self.before_commit is not None and not await self.before_commit():
+            log.error("not committing offsets %s: the state they cover could not be written", dict(offsets))
+            return False
         guard = self.delivery_guard
         if guard is not None:
             if not await guard.commit_allowed():
@@ -234,7 +251,6 @@ class BatchingConsumer(ConsumerHooks):
         get_read_offset = self.read_offsets.__getitem__
         set_read_offset = self.read_offsets.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
-        commit_every = self.commit_every
         next_offset = self._next_offset
         rewound_to = self._rewound_to
         inflight: asyncio.Future[None] | None = None
@@ -248,6 +264,7 @@ class BatchingConsumer(ConsumerHooks):
                 if self.should_stop:
                     break
                 fetched = await self._fetch(timeout=1.0)
+                fetched_at = time.perf_counter()
                 generation_id = self.app.consumer_generation_id
                 for tp, records in fetched:
                     if not self._delivering(generation_id):
@@ -294,6 +311,8 @@ class BatchingConsumer(ConsumerHooks):
                     # batch (``wait_empty``), as tracking each record would, at a fraction of the cost.
                     pending = self.to_message(*last)
                     self.track_unacked(pending)
+                    if self.clock is not None:
+                        self.clock.add("handoff", time.perf_counter() - fetched_at)
                     started = (handler(batch), pending)  # its synchronous part overlaps the batch in flight
                 if inflight is not None:
                     await inflight
@@ -309,9 +328,6 @@ class BatchingConsumer(ConsumerHooks):
                     log.info("%s: rewinding to offset %d, records from there were skipped by the fetch", tp, offset)
                     rewound_to[tp] = offset
                     await self.seek_wait({tp: offset})
-                if commit_every is not None and self.acked_count >= commit_every:
-                    self.acked_count = 0
-                    await self.commit()
             if inflight is not None:
                 await inflight  # stopping between batches: the batch in flight is finished first
                 inflight = None
@@ -337,12 +353,13 @@ def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_
 
 
 def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int,
-            overlap_min_events: int, delivery_guard: DeliveryGuard,
-            end_offset_probe: EndOffsetProbe | None = None) -> None:
+            overlap_min_events: int, delivery_guard: DeliveryGuard, before_commit: Callable[[], Awaitable[bool]],
+            clock: StageClock, end_offset_probe: EndOffsetProbe | None = None) -> None:
     """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
     _use_consumer(app, BatchingConsumer, fetch_max_wait_ms, batch_topics=frozenset(topics),
                   batch_handler=staticmethod(handler), overlap_min_events=overlap_min_events,
-                  delivery_guard=delivery_guard, end_offset_probe=end_offset_probe)
+                  delivery_guard=delivery_guard, end_offset_probe=end_offset_probe,
+                  before_commit=staticmethod(before_commit), clock=clock)
 
 
 def install_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:

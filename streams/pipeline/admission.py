@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..state.cache import StoredState
 from ..state.codec import BACKFILLED, RECENT_EVENT_IDS, StateRecord, event_id_hash, legacy_event_id_hash
 from .validate import Accepted, Rejection
 
@@ -50,7 +51,7 @@ class Admission:
     last_offset: int = -1
 
 
-def admit(items: list[Accepted], stored: StateRecord | None, last_timestamp_ms: int | None,
+def admit(items: list[Accepted], stored: StoredState | StateRecord | None, last_timestamp_ms: int | None,
           max_lateness_ms: int = DEFAULT_MAX_LATENESS_MS) -> Admission:
     """Apply the rules above to one user's events (oldest first)."""
     out = Admission()

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 
 from models.events import MAX_ID_CHARS, EventError
 
-from ..state.codec import StateRecord
 from .source_record import SourceRecord
 
 if TYPE_CHECKING:
-    from models import ProfileModel
+    from models import UserState
 
 #: Header that marks a control record on the events topic, and its known values.
 CONTROL_HEADER = "profilestream.control"
@@ -81,13 +80,7 @@ def control_request(record: SourceRecord) -> ControlRequest:
     return ControlRequest(user_id, idle_before_ms)
 
 
-def is_idle(record: StateRecord, model: ProfileModel, cutoff_ms: int) -> bool:
+def is_idle(state: UserState, cutoff_ms: int) -> bool:
     """Whether a state's last applied event is older than ``cutoff_ms`` (the TTL's rule, for the
-    sweep that finds idle users and for the owner that applies an expire request).
-
-    State of another model never is: its owner decides what happens to it
-    (see PROFILESTREAM_ON_MODEL_MISMATCH), and its codec may not be this model's.
-    """
-    if record.fingerprint != model.fingerprint:
-        return False
-    return model.decode_state(record.model_state).last_timestamp_ms < cutoff_ms
+    sweep that finds idle users and for the owner that applies an expire request)."""
+    return state.last_timestamp_ms < cutoff_ms

@@ -52,6 +52,7 @@ from models import ProfileModel, StepResult, UserState
 from models.events import MIN_TIMESTAMP_MS, Event, EventError
 
 from ..state import codec as state_codec
+from ..state.cache import StateBackend, StateCache, StoredState
 from ..state.codec import StateRecord
 from .admission import DEFAULT_MAX_LATENESS_MS, Admission, admit
 from .control import ControlRequest, control_request, is_control, is_idle
@@ -59,18 +60,13 @@ from .grouping import UserBatch, group_by_user
 from .model_guard import ModelMismatchError, StateAheadOfLogError, ahead_message, mismatch_message
 from .profile_message import profile_message
 from .source_record import SourceRecord
+from .stages import StageClock
 from .validate import Rejection, check_partition, unprocessable, validate_batch
 
 if TYPE_CHECKING:  # the worker's Prometheus metrics import faust's side (streams/internals.py)
     from ..service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-class StateStore(Protocol):
-    def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]: ...
-    async def put_many(self, partition: int, items: Sequence[tuple[bytes, bytes]]) -> None: ...
-    async def delete_many(self, partition: int, keys: Sequence[bytes]) -> None: ...
 
 
 class Publisher(Protocol):
@@ -119,8 +115,8 @@ class BatchReport:
 class StagedRun:
     """What one run writes, in memory until its batch's attempt has succeeded (see the module docstring)."""
 
-    #: Partition -> (user key, state record) to put, or (user key, None) to delete.
-    states: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
+    #: Partition -> (user key, new state) to put, or (user key, None) to delete.
+    states: dict[int, list[tuple[bytes, StoredState | None]]] = field(default_factory=dict)
     #: (user id, profile message), or (user id, None) for a tombstone, in publish order.
     profiles: list[tuple[str, bytes | None]] = field(default_factory=list)
     #: Erased users per partition and why (``request``, ``ttl``), for the log and metrics.
@@ -138,8 +134,8 @@ class StagedBatch:
     step_seconds: float = 0.0
     #: Source timestamps (ms) of the applied events: their latency is taken when emitted.
     source_ts: list[np.ndarray] = field(default_factory=list)
-    #: (partition, user key) -> state record staged by an earlier run (None: deleted).
-    overlay: dict[tuple[int, bytes], bytes | None] = field(default_factory=dict)
+    #: (partition, user key) -> state staged by an earlier run (None: deleted).
+    overlay: dict[tuple[int, bytes], StoredState | None] = field(default_factory=dict)
 
 
 class RecordFailure(Exception):
@@ -159,12 +155,14 @@ CANARY_EVENT = Event("profilestream-canary", "view", "canary-item", "canary-cate
 class BatchProcessor:
     """Applies micro-batches of raw records to user state and publishes profiles."""
 
-    def __init__(self, model: ProfileModel, store: StateStore, publisher: Publisher, metrics: Metrics,
+    def __init__(self, model: ProfileModel, store: StateBackend, publisher: Publisher, metrics: Metrics,
                  events_end: Callable[[int], Awaitable[int]], events_topic: str,
                  max_lateness_ms: int = DEFAULT_MAX_LATENESS_MS, reset_mismatched: bool = False,
-                 partitions_of: Callable[[str], int | None] = lambda topic: None) -> None:
+                 partitions_of: Callable[[str], int | None] = lambda topic: None,
+                 cache_users: int = 0) -> None:
         self.model = model
-        self.store = store
+        #: Users' decoded states, written behind to ``store`` (streams/state/cache.py).
+        self.states = StateCache(store, self.decode_stored, self.encode_stored, cache_users)
         self.publisher = publisher
         self.metrics = metrics
         self.max_lateness_ms = max_lateness_ms
@@ -188,6 +186,8 @@ class BatchProcessor:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model-step")
         #: A topic's partition count, to catch keys on the wrong partition (None: not checked).
         self.partitions_of = partitions_of
+        #: Where each batch's time goes (streams/pipeline/stages.py).
+        self.clock = StageClock()
 
     def prepare(self, records: Sequence[SourceRecord]) -> PreparedBatch:
         """Validate and group a batch: the steps that read no state, so they may run while
@@ -201,7 +201,9 @@ class BatchProcessor:
                 accepted, run.rejected = validate_batch(run.records, now_ms, self.partitions_of)
                 run.users = [u for users in group_by_user(accepted).values() for u in users]
             runs.append(run)
-        return PreparedBatch(records, runs, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.clock.add("prepare", elapsed)
+        return PreparedBatch(records, runs, elapsed)
 
     async def apply(self, batch: PreparedBatch) -> BatchReport:
         """The steps that read and write state, run by run in record order: staged, then emitted."""
@@ -212,6 +214,7 @@ class BatchProcessor:
             except RecordFailure as failure:
                 staged = await self._isolate(list(batch.records), failure)
             await self._emit(staged)
+            metrics_started = time.perf_counter()
             report, records = staged.report, batch.records
             source_ts = np.concatenate(staged.source_ts) if staged.source_ts else np.zeros(0, np.int64)
             all_latencies = (time.time() * 1000 - source_ts) / 1000.0
@@ -230,9 +233,18 @@ class BatchProcessor:
                 self.metrics.count_skipped("backfilled", report.backfilled)
             for rec in records:
                 self.progress[rec.partition] = (rec.offset, rec.timestamp_ms)
+            clock = self.clock
+            clock.batches += 1
+            clock.add("metrics", time.perf_counter() - metrics_started)
             for listener in self.listeners:
                 listener(report, all_latencies)
             return report
+
+    async def flush(self) -> None:
+        """Write the cached states to RocksDB and the changelog: the consumer calls this before
+        every offset commit, so a commit never covers a state the changelog may not get."""
+        with self.clock.timing("flush"):
+            await self.states.flush()
 
     async def _stage(self, runs: list[Run]) -> StagedBatch:
         """One attempt at a batch, every output staged (nothing written); :class:`RecordFailure`
@@ -297,24 +309,25 @@ class BatchProcessor:
         """Write what an attempt staged.  Dead letters go first and are awaited: a state
         written past a dead-lettered record (out_of_order, unprocessable) makes a redelivery
         skip that record, so its dead letter must be on the broker before."""
-        await self._dead_letter(staged.dead_letters, staged.report)
+        clock = self.clock
+        with clock.timing("publish"):
+            await self._dead_letter(staged.dead_letters, staged.report)
         for run in staged.runs:
             await self._emit_run(run)
+        with clock.timing("state"):
+            await self.states.settle()
 
     async def _emit_run(self, run: StagedRun) -> None:
-        for partition, items in run.states.items():
-            puts = [(key, value) for key, value in items if value is not None]
-            if puts:
-                await self.store.put_many(partition, puts)
-            deletes = [key for key, value in items if value is None]
-            if deletes:
-                await self.store.delete_many(partition, deletes)
-        profiles = [(user, value) for user, value in run.profiles if value is not None]
-        if profiles:
-            await self.publisher.profiles(profiles)  # type: ignore[arg-type]
-        for user, value in run.profiles:
-            if value is None:
-                await self.publisher.tombstone(user)
+        with self.clock.timing("state"):
+            for partition, items in run.states.items():
+                self.states.put_many(partition, items)
+        with self.clock.timing("publish"):
+            profiles = [(user, value) for user, value in run.profiles if value is not None]
+            if profiles:
+                await self.publisher.profiles(profiles)  # type: ignore[arg-type]
+            for user, value in run.profiles:
+                if value is None:
+                    await self.publisher.tombstone(user)
         for partition, n, cause in run.erased:
             self.metrics.count_forgotten(cause, n)
             log.info("erased %d users of partition %d (%s)", n, partition, cause)
@@ -322,15 +335,17 @@ class BatchProcessor:
     async def _stage_events(self, run: Run, staged: StagedBatch) -> StagedRun:
         """Stage the pipeline for a run of events: state records, profiles, dead letters, counts."""
         out = StagedRun()
-        users, report = run.users, staged.report
-        stored = self._lookup(users, staged.overlay)  # not the records': RocksDB, stored state (stops the worker)
+        users, report, clock = run.users, staged.report, self.clock
+        with clock.timing("lookup"):
+            stored = self._lookup(users, staged.overlay)  # not the records': RocksDB, stored state (stops the worker)
         for i, user in enumerate(users):
-            record = stored[i][0]
-            if record is not None and record.last_offset >= user.items[0].record.offset \
-                    and await self._ahead_of_log(user.partition, record.last_offset, f"user {user.user_id!r}"):
-                stored[i] = (None, None)
+            entry = stored[i]
+            if entry is not None and entry.last_offset >= user.items[0].record.offset \
+                    and await self._ahead_of_log(user.partition, entry.last_offset, f"user {user.user_id!r}"):
+                stored[i] = None
         try:
-            admissions = [self._admit(u, rec, state) for u, (rec, state) in zip(users, stored)]
+            t0 = time.perf_counter()
+            admissions = [self._admit(u, entry) for u, entry in zip(users, stored)]
             rejected = list(run.rejected)
             for adm in admissions:
                 rejected.extend(adm.rejected)
@@ -338,23 +353,32 @@ class BatchProcessor:
                 report.duplicates += adm.duplicates
                 report.backfilled += adm.backfilled
             todo = [i for i, adm in enumerate(admissions) if adm.apply]
+            t1 = time.perf_counter()
+            clock.add("admission", t1 - t0)
             result = None
             if todo:
-                t0 = time.perf_counter()
-                step = self.model.prepare_advance([stored[i][1] for i in todo],
+                step = self.model.prepare_advance([self._state_of(stored[i]) for i in todo],
                                                   [[a.event for a in admissions[i].apply] for i in todo])
+                t2 = time.perf_counter()
+                clock.add("featurise", t2 - t1)
                 # torch releases the GIL: while the step runs in the model thread, the fetch
                 # loop fetches and prepares the next batch.
                 result = await asyncio.get_running_loop().run_in_executor(self._model_thread, step)
-                staged.step_seconds += time.perf_counter() - t0
-            self._stage_states(out, staged.overlay, users, admissions, stored, todo, result)
-            now_ms = int(time.time() * 1000)
-            self._stage_profiles(out, [users[i].user_id for i in todo], result, now_ms)
-            resend = [i for i, adm in enumerate(admissions)
-                      if adm.redelivered and not adm.apply and stored[i][1] is not None]
-            if resend:
-                self._stage_profiles(out, [users[i].user_id for i in resend],
-                                     self.model.predict([stored[i][1] for i in resend]), now_ms)
+                elapsed = time.perf_counter() - t2
+                staged.step_seconds += elapsed
+                clock.add("model_step", result.step_seconds)
+                clock.add("heads", result.heads_seconds)
+                clock.add("model_thread", elapsed - result.step_seconds - result.heads_seconds)
+            with clock.timing("state"):
+                self._stage_states(out, staged.overlay, users, admissions, stored, todo, result)
+            with clock.timing("profiles"):
+                now_ms = int(time.time() * 1000)
+                self._stage_profiles(out, [users[i].user_id for i in todo], result, now_ms)
+                resend = [i for i, adm in enumerate(admissions)
+                          if adm.redelivered and not adm.apply and stored[i] is not None]
+                if resend:
+                    self._stage_profiles(out, [users[i].user_id for i in resend],
+                                         self.model.predict([self._state_of(stored[i]) for i in resend]), now_ms)
         except Exception as exc:
             if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
                 raise  # the batch's size, not a record (torch names its CUDA/CPU OOM so)
@@ -365,6 +389,10 @@ class BatchProcessor:
         staged.source_ts.append(np.fromiter((a.record.timestamp_ms for i in todo for a in admissions[i].apply),
                                             dtype=np.int64))
         return out
+
+    @staticmethod
+    def _state_of(entry: StoredState | None) -> UserState | None:
+        return None if entry is None else entry.state
 
     async def _stage_control(self, records: list[SourceRecord], staged: StagedBatch) -> StagedRun:
         """Stage the erasures a run of control records asks for, request by request, in order.
@@ -395,12 +423,12 @@ class BatchProcessor:
             stored = dict(zip(users, self._get_many(partition, [user.encode() for user in users], staged.overlay)))
             doomed: dict[str, str] = {}
             for record, request in pending:
-                value = None if request.user_id in doomed else stored[request.user_id]
-                if await self._honoured(partition, record, request, value):
+                entry = None if request.user_id in doomed else stored[request.user_id]
+                if await self._honoured(partition, record, request, entry):
                     staged.report.redelivered += 1
                     continue
-                if value is not None and request.idle_before_ms is not None and not is_idle(
-                        state_codec.decode(value), self.model, request.idle_before_ms):
+                if entry is not None and request.idle_before_ms is not None and not is_idle(
+                        entry.state, request.idle_before_ms):
                     log.debug("user %r: active since the expire request's cut-off; kept", request.user_id)
                     continue
                 doomed[request.user_id] = request.cause
@@ -411,11 +439,11 @@ class BatchProcessor:
         return out
 
     async def _honoured(self, partition: int, record: SourceRecord, request: ControlRequest,
-                        value: bytes | None) -> bool:
+                        entry: StoredState | None) -> bool:
         """Whether the user's state shows events after ``record`` applied: the request was applied before."""
-        if value is None:
+        if entry is None:
             return False
-        applied = state_codec.decode(value).last_offset
+        applied = entry.last_offset
         return applied > record.offset and not await self._ahead_of_log(
             partition, applied, f"user {request.user_id!r}")
 
@@ -438,7 +466,7 @@ class BatchProcessor:
         return True
 
     @staticmethod
-    def _stage_erase(out: StagedRun, overlay: dict[tuple[int, bytes], bytes | None], partition: int,
+    def _stage_erase(out: StagedRun, overlay: dict[tuple[int, bytes], StoredState | None], partition: int,
                      user_ids: list[str], cause: str) -> None:
         if not user_ids:
             return
@@ -451,45 +479,52 @@ class BatchProcessor:
         out.erased.append((partition, len(user_ids), cause))
 
     def _get_many(self, partition: int, keys: list[bytes],
-                  overlay: dict[tuple[int, bytes], bytes | None]) -> list[bytes | None]:
-        """Stored values as this attempt sees them: what it staged, else RocksDB (one multi-get)."""
+                  overlay: dict[tuple[int, bytes], StoredState | None]) -> list[StoredState | None]:
+        """States as this attempt sees them: what it staged, else the cache, else RocksDB (one multi-get)."""
         missing = [key for key in keys if (partition, key) not in overlay]
-        found = dict(zip(missing, self.store.get_many(partition, missing))) if missing else {}
+        found = dict(zip(missing, self.states.get_many(partition, missing))) if missing else {}
         return [overlay[(partition, key)] if (partition, key) in overlay else found[key] for key in keys]
 
-    def _lookup(self, users: list[UserBatch], overlay: dict[tuple[int, bytes], bytes | None]
-                ) -> list[tuple[StateRecord | None, UserState | None]]:
-        """State lookup: one multi-get per partition, then decode envelope and model state."""
-        out: list[tuple[StateRecord | None, UserState | None]] = []
+    def _lookup(self, users: list[UserBatch], overlay: dict[tuple[int, bytes], StoredState | None]
+                ) -> list[StoredState | None]:
+        """State lookup: one cache read (and one multi-get of its misses) per partition."""
         by_partition: dict[int, list[int]] = {}
         for i, user in enumerate(users):
             by_partition.setdefault(user.partition, []).append(i)
-        raw: list[bytes | None] = [None] * len(users)
+        out: list[StoredState | None] = [None] * len(users)
         for partition, idxs in by_partition.items():
-            for i, value in zip(idxs, self._get_many(partition, [users[i].key for i in idxs], overlay)):
-                raw[i] = value
-        for user, value in zip(users, raw):
-            if value is None:
-                out.append((None, None))
-                continue
-            record = state_codec.decode(value)
-            if record.fingerprint != self.model.fingerprint:
-                if not self.reset_mismatched:
-                    raise ModelMismatchError(f"user {user.user_id!r}: "
-                                             + mismatch_message(record.fingerprint, self.model.fingerprint))
-                log.info("user %r: discarding state of model %s, starting afresh with model %s",
-                         user.user_id, record.fingerprint, self.model.fingerprint)
-                out.append((None, None))
-                continue
-            out.append((record, self.model.decode_state(record.model_state)))
+            for i, entry in zip(idxs, self._get_many(partition, [users[i].key for i in idxs], overlay)):
+                out[i] = entry
         return out
 
-    def _admit(self, user: UserBatch, record: StateRecord | None, state: UserState | None) -> Admission:
-        return admit(user.items, record, state.last_timestamp_ms if state else None, self.max_lateness_ms)
+    def decode_stored(self, key: bytes, value: bytes) -> StoredState | None:
+        """A stored state record, decoded (None: another model's, discarded by the reset policy).
 
-    def _stage_states(self, out: StagedRun, overlay: dict[tuple[int, bytes], bytes | None],
-                      users: list[UserBatch], admissions: list[Admission],
-                      stored: list[tuple[StateRecord | None, UserState | None]],
+        Raises for a corrupt record, or another model's without the reset
+        policy: the stored state is not any record's fault, so the worker stops.
+        """
+        record = state_codec.decode(value)
+        if record.fingerprint != self.model.fingerprint:
+            user = key.decode("utf-8", "replace")
+            if not self.reset_mismatched:
+                raise ModelMismatchError(f"user {user!r}: " + mismatch_message(record.fingerprint,
+                                                                                self.model.fingerprint))
+            log.info("user %r: discarding state of model %s, starting afresh with model %s",
+                     user, record.fingerprint, self.model.fingerprint)
+            return None
+        return StoredState(record.last_offset, record.recent_event_ids, self.model.decode_state(record.model_state),
+                           record.legacy_event_ids)
+
+    def encode_stored(self, entry: StoredState) -> bytes:
+        """The state record of ``entry`` as RocksDB and the changelog keep it."""
+        return state_codec.encode(StateRecord(self.model.fingerprint, entry.last_offset, entry.recent_event_ids,
+                                              self.model.encode_state(entry.state), entry.legacy_event_ids))
+
+    def _admit(self, user: UserBatch, entry: StoredState | None) -> Admission:
+        return admit(user.items, entry, entry.state.last_timestamp_ms if entry else None, self.max_lateness_ms)
+
+    def _stage_states(self, out: StagedRun, overlay: dict[tuple[int, bytes], StoredState | None],
+                      users: list[UserBatch], admissions: list[Admission], stored: list[StoredState | None],
                       todo: list[int], result: StepResult | None) -> None:
         """State write: new model state (or just the advanced offset) per user, one batch per partition.
 
@@ -502,14 +537,14 @@ class BatchProcessor:
         """
         new_states: dict[int, UserState] = dict(zip(todo, result.states)) if result is not None else {}
         for i, (user, adm) in enumerate(zip(users, admissions)):
+            entry = stored[i]
             if i in new_states:
-                model_state = self.model.encode_state(new_states[i])
-            elif stored[i][0] is not None and (adm.last_offset > stored[i][0].last_offset or adm.redelivered):
-                model_state = stored[i][0].model_state  # only skipped/rejected events: remember the offset
+                state = new_states[i]
+            elif entry is not None and (adm.last_offset > entry.last_offset or adm.redelivered):
+                state = entry.state  # only skipped/rejected events: remember the offset
             else:
                 continue
-            value = state_codec.encode(StateRecord(
-                self.model.fingerprint, adm.last_offset, adm.recent_ids, model_state, adm.legacy_ids))
+            value = StoredState(adm.last_offset, adm.recent_ids, state, adm.legacy_ids)
             out.states.setdefault(user.partition, []).append((user.key, value))
             overlay[(user.partition, user.key)] = value
 

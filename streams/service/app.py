@@ -100,7 +100,7 @@ def faust_config(settings: Settings) -> dict[str, object]:
         web_metrics_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_max_poll_records=settings.batch_max,
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.commit_interval_s,
         producer_linger=0.005,
         producer_max_batch_size=settings.producer_batch_bytes,
         producer_request_timeout=settings.producer_request_timeout_s,
@@ -158,7 +158,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
 
     processor = BatchProcessor(model, store, publisher, metrics, events_end, settings.events_topic,
                                reset_mismatched=settings.on_model_mismatch == "reset",
-                               partitions_of=lambda topic: app.consumer.topic_partitions(topic) or settings.partitions)
+                               partitions_of=lambda topic: app.consumer.topic_partitions(topic) or settings.partitions,
+                               cache_users=settings.state_cache_users)
     health = WorkerHealth()
 
     def on_batch(records: Sequence[SourceRecord]) -> Awaitable[None]:
@@ -184,6 +185,15 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
             fail(exc)
             raise
 
+    async def before_commit() -> bool:
+        """Flush the state cache; a failure (RocksDB, the producer) is the worker's, and stops it."""
+        try:
+            await processor.flush()
+        except Exception as exc:
+            fail(exc, "writing the cached states failed")
+            return False
+        return True
+
     def fail(exc: BaseException, what: str = "batch processing failed") -> None:
         health.error = exc
         log.critical("%s, stopping the worker: %r", what, exc, exc_info=exc)
@@ -191,11 +201,11 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
 
     probe = EndOffsetProbe(aiokafka_options(settings)) if settings.embedded_broker else None
     install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings),
-                           settings.overlap_min_events, guard, probe)
+                           settings.overlap_min_events, guard, before_commit, processor.clock, probe)
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, lambda: health.alive)
-    register_lookup(app, store, model, settings, metrics)
+    register_lookup(app, store, processor.states, model, settings, metrics)
     register_status(app, metrics, settings, table.name)
 
     @app.timer(settings.monitor_interval_s)
@@ -205,7 +215,13 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     if settings.state_ttl_days > 0:
         @app.timer(settings.state_ttl_sweep_s)
         async def expire_idle_state() -> None:
-            await ttl_sweep(app, settings, store, model)
+            await ttl_sweep(app, settings, store, processor.states, model)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_: faust.App, revoked: set, **_: object) -> None:
+        # After faust's commit (which flushed the cache): the next owner recovers these
+        # partitions from the changelog, and this worker, if it gets one back, from RocksDB.
+        processor.states.drop(tp.partition for tp in revoked if tp.topic == settings.events_topic)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: faust.App, assigned: set, **_: object) -> None:

@@ -49,11 +49,12 @@ import orjson
 from faust.web import Request, Response, View
 from yarl import URL
 
-from models import ProfileModel
+from models import ProfileModel, UserState
 
 from ..pipeline.profile_message import profile_message
 from ..settings import Settings
 from ..state import codec as state_codec
+from ..state.cache import StateCache
 from ..state.store import TableStateStore
 from .metrics import Metrics
 from .web import readiness
@@ -121,9 +122,9 @@ def unauthorized(view: View, request: Request, token: str) -> Response | None:
     return None
 
 
-def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> tuple[bytes, int]:
-    """The profile message of a stored state record, without advancing the state, and its age
-    (ms from the user's newest applied event to now).
+def current_profile(model: ProfileModel, user_id: str, stored: bytes | UserState) -> tuple[bytes, int]:
+    """The profile message of a stored state record (or a cached, decoded state), without
+    advancing the state, and its age (ms from the user's newest applied event to now).
 
     Raises ``ValueError`` (StateRecordError, StateError) for state this model cannot read.
     """
@@ -131,16 +132,18 @@ def current_profile(model: ProfileModel, user_id: str, stored: bytes) -> tuple[b
 
 
 def current_profiles(model: ProfileModel, user_ids: Sequence[str],
-                     stored: Sequence[bytes]) -> list[tuple[bytes, int]]:
-    """Profile messages and ages of many stored state records, with one model call; see :func:`current_profile`."""
-    blobs = []
+                     stored: Sequence[bytes | UserState]) -> list[tuple[bytes, int]]:
+    """Profile messages and ages of many users, with one model call; see :func:`current_profile`."""
+    states = []
     for user_id, value in zip(user_ids, stored):
+        if isinstance(value, UserState):
+            states.append(value)
+            continue
         record = state_codec.decode(value)
         if record.fingerprint != model.fingerprint:
             raise state_codec.StateRecordError(
                 f"state of {user_id!r} was written by model {record.fingerprint}, this worker runs {model.fingerprint}")
-        blobs.append(record.model_state)
-    states = model.decode_states(blobs)
+        states.append(model.decode_state(record.model_state))
     result = model.predict(states)
     now_ms = int(time.time() * 1000)
     return [(profile_message(user_id, model.version, now_ms, state.n_events, state.last_timestamp_ms,
@@ -200,9 +203,12 @@ class LookupGate:
 class Lookups:
     """Resolves users to owners, reads local states, forwards the rest (shared by both routes)."""
 
-    def __init__(self, app: faust.App, store: TableStateStore, model: ProfileModel, settings: Settings) -> None:
+    def __init__(self, app: faust.App, store: TableStateStore, cache: StateCache, model: ProfileModel,
+                 settings: Settings) -> None:
         self.app = app
         self.store = store
+        #: Newer than RocksDB for users changed since the last commit (streams/state/cache.py).
+        self.cache = cache
         self.model = model
         self.key = forwarding_key(settings.lookup_token) if settings.lookup_token else None
         self.batch_max = settings.lookup_batch_max
@@ -257,10 +263,20 @@ class Lookups:
             by_partition.setdefault(self.app.producer.key_partition(topic, user_id.encode()).partition,
                                     []).append(user_id)
         found_ids: list[str] = []
-        found_values: list[bytes] = []
+        found_values: list[bytes | UserState] = []
         results: dict[str, UserResult] = {}
         for partition, ids in by_partition.items():
-            for user_id, value in zip(ids, self.store.get_many(partition, [u.encode() for u in ids])):
+            values: list[bytes | UserState | None] = []
+            uncached: list[int] = []
+            for i, user_id in enumerate(ids):
+                # A peek: lookups neither load states into the cache nor keep them there.
+                cached, entry = self.cache.peek(partition, user_id.encode())
+                values.append(None if entry is None else entry.state)
+                if not cached:
+                    uncached.append(i)
+            for i, value in zip(uncached, self.store.get_many(partition, [ids[i].encode() for i in uncached])):
+                values[i] = value
+            for user_id, value in zip(ids, values):
                 if value is None:
                     results[user_id] = UserResult(NOT_FOUND)
                 else:
@@ -280,7 +296,7 @@ class Lookups:
                                     UserResult(FOUND, profile=answer[0], age_ms=answer[1], served_by=self.url))
         return results
 
-    def _one(self, user_id: str, stored: bytes) -> tuple[bytes, int] | UserResult:
+    def _one(self, user_id: str, stored: bytes | UserState) -> tuple[bytes, int] | UserResult:
         try:
             return current_profile(self.model, user_id, stored)
         except ValueError as exc:
@@ -347,10 +363,10 @@ def parse_user_ids(body: bytes, limit: int) -> list[str]:
     return user_ids
 
 
-def register_lookup(app: faust.App, store: TableStateStore, model: ProfileModel, settings: Settings,
-                    metrics: Metrics) -> Lookups:
+def register_lookup(app: faust.App, store: TableStateStore, cache: StateCache, model: ProfileModel,
+                    settings: Settings, metrics: Metrics) -> Lookups:
     """Add the lookup routes to the worker's web server."""
-    lookups = Lookups(app, store, model, settings)
+    lookups = Lookups(app, store, cache, model, settings)
     token = settings.lookup_token
 
     def admit(view: View, request: Request, body: bytes) -> tuple[Response | None, bool]:

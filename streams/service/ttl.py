@@ -18,7 +18,8 @@ than the cut-off.  So the erasure is
   stale read (a rebalance under way) can only produce a request that the
   owner judges against its own, current state.
 
-The sweep reads RocksDB in chunks and yields to the event loop between them,
+The sweep reads RocksDB in chunks, skipping users whose newer state the
+write-behind cache has not written yet (streams/state/cache.py), and yields to the event loop between them,
 so a big table does not hold up batches.  It runs only while the worker is
 ready: during table recovery a partition's RocksDB may still miss the
 user's newest state (harmless, see above, but pointless requests).
@@ -41,6 +42,7 @@ from ..ops.forget import send_control
 from ..pipeline.control import expire_headers, is_idle
 from ..settings import Settings
 from ..state import codec as state_codec
+from ..state.cache import StateCache
 from ..state.store import TableStateStore
 from .web import is_ready
 
@@ -52,8 +54,17 @@ SCAN_CHUNK = 100
 
 
 def idle_users(entries: Iterable[tuple[bytes, bytes]], model: ProfileModel, cutoff_ms: int) -> list[str]:
-    """User ids of the (key, state record) entries that are idle at ``cutoff_ms``."""
-    return [key.decode("utf-8") for key, value in entries if is_idle(state_codec.decode(value), model, cutoff_ms)]
+    """User ids of the (key, state record) entries that are idle at ``cutoff_ms``.
+
+    State of another model never is: its owner decides what happens to it
+    (see PROFILESTREAM_ON_MODEL_MISMATCH), and its codec may not be this model's.
+    """
+    idle = []
+    for key, value in entries:
+        record = state_codec.decode(value)
+        if record.fingerprint == model.fingerprint and is_idle(model.decode_state(record.model_state), cutoff_ms):
+            idle.append(key.decode("utf-8"))
+    return idle
 
 
 def owned_partitions(app: faust.App, settings: Settings) -> set[int]:
@@ -61,7 +72,8 @@ def owned_partitions(app: faust.App, settings: Settings) -> set[int]:
     return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.events_topic}
 
 
-async def sweep(app: faust.App, settings: Settings, store: TableStateStore, model: ProfileModel) -> int:
+async def sweep(app: faust.App, settings: Settings, store: TableStateStore, cache: StateCache,
+                model: ProfileModel) -> int:
     """One sweep over this worker's partitions; returns how many expire requests it produced."""
     if not is_ready(app):
         return 0
@@ -78,7 +90,9 @@ async def sweep(app: faust.App, settings: Settings, store: TableStateStore, mode
                 if not chunk:
                     break
                 after = chunk[-1][0]
-                idle = idle_users(chunk, model, cutoff_ms)
+                # A user the cache holds a newer state of was active within the commit interval.
+                idle = idle_users([(key, value) for key, value in chunk if not cache.is_dirty(partition, key)],
+                                  model, cutoff_ms)
                 if idle:
                     if producer is None:
                         producer = AIOKafkaProducer(**aiokafka_options(settings), acks="all")

@@ -4,7 +4,7 @@ Faust's ``table[key]`` API picks the RocksDB partition and changelog partition
 from the *current event*, which does not exist for a micro-batch, and costs a
 changelog send plus several Python calls per key.  This adapter reads with one
 RocksDB multi-get per source partition and writes one ``WriteBatch`` per
-partition.  It hands the changelog records to faust's Kafka producer as whole
+partition, for the write-behind cache in front of it (streams/state/cache.py).  It hands the changelog records to faust's Kafka producer as whole
 record batches (streams/kafka/record_batches.py) and keeps faust's recovery
 bookkeeping itself (on each acknowledgement, the changelog offset the
 partition's RocksDB holds data up to): faust's route (``send_soon``, its
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import faust
 import rocksdict
@@ -49,33 +49,25 @@ class TableStateStore:
             return []
         return list(self._db(partition)[list(keys)])
 
-    async def put_many(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
-        """Write all items atomically to the partition's RocksDB, then to the changelog."""
+    def write_local(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Write puts and deletes (value None) to the partition's RocksDB in one atomic batch."""
         batch = rocksdict.WriteBatch(raw_mode=True)
-        pending = list(items)
-        for key, value in pending:
-            batch.put(key, value)
-        await self._write(partition, batch, pending)
+        for key, value in items:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        self._db(partition).write(batch)
 
-    async def delete_many(self, partition: int, keys: Iterable[bytes]) -> None:
-        """Delete keys locally and write tombstones to the changelog."""
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        pending: list[tuple[bytes, bytes | None]] = [(key, None) for key in keys]
-        for key, _ in pending:
-            batch.delete(key)
-        await self._write(partition, batch, pending)
-
-    async def _write(self, partition: int, batch: rocksdict.WriteBatch,
-                     records: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Apply ``batch`` locally, then hand ``records`` to the Kafka client.
+    async def send_changelog(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Hand the changelog records of a local write to the Kafka client (value None: a tombstone).
 
         When this returns the records sit in the client's buffer, in order;
-        faust flushes that buffer before it commits input offsets, so a commit
-        never covers a state change the changelog could lose.
+        the commit waits for their acknowledgement (streams/kafka/delivery.py),
+        so a commit never covers a state change the changelog could lose.
         """
-        self._db(partition).write(batch)
         topic = self.table.changelog_topic.get_topic_name()
-        for sent in await send_records(client(self.table.app.producer), topic, partition, records):
+        for sent in await send_records(client(self.table.app.producer), topic, partition, items):
             self.guard.watch(sent.delivery, f"{sent.count} state changelog records for {topic}[{partition}]")
             sent.delivery.add_done_callback(functools.partial(self._on_delivered, sent))
 

@@ -38,15 +38,17 @@ class RocksStateStore:
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
         return list(self.dbs[partition][list(keys)]) if keys else []
 
-    async def put_many(self, partition: int, items: Sequence[tuple[bytes, bytes]]) -> None:
+    def write_local(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in items:
-            batch.put(key, value)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
         self.dbs[partition].write(batch)
 
-    async def delete_many(self, partition: int, keys: Sequence[bytes]) -> None:
-        for key in keys:
-            self.dbs[partition].delete(key)
+    async def send_changelog(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """No changelog here: the worker's store sends one (tests/integration)."""
 
     def close(self) -> None:
         for db in self.dbs.values():
@@ -76,14 +78,16 @@ class MemoryPublisher:
         return dict(self.profiles_sent)
 
 
-@pytest.fixture
-def pipeline(model: ProfileModel, tmp_path: Path):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=[0, 3, 10_000], ids=["write-through", "cache-of-3", "cache"])
+def pipeline(model: ProfileModel, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The processor with no state cache, one so small that most batches evict, and a roomy one."""
     store, publisher = RocksStateStore(tmp_path), MemoryPublisher()
     async def events_end(partition: int) -> int:
         """No log here: every offset the tests use lies below its partition's end."""
         return 2**63 - 1
 
-    processor = BatchProcessor(model, store, publisher, Metrics(CollectorRegistry()), events_end, "events")
+    processor = BatchProcessor(model, store, publisher, Metrics(CollectorRegistry()), events_end, "events",
+                               cache_users=request.param)
     yield processor, store, publisher
     store.close()
 
@@ -108,6 +112,12 @@ def run(processor: BatchProcessor, records: Sequence[SourceRecord]) -> BatchRepo
     return asyncio.run(processor.apply(processor.prepare(records)))
 
 
+def flushed(processor: BatchProcessor, store: RocksStateStore) -> RocksStateStore:
+    """``store`` after the cache's flush (what a commit does first)."""
+    asyncio.run(processor.flush())
+    return store
+
+
 def test_batches_give_replays_profiles_and_count_each_event_once(pipeline, model: ProfileModel) -> None:  # type: ignore[no-untyped-def]
     processor, store, publisher = pipeline
     events = synthetic(600, users=40)
@@ -118,7 +128,7 @@ def test_batches_give_replays_profiles_and_count_each_event_once(pipeline, model
     latest = publisher.latest()
     assert_matches_replay({u: p for u, p in latest.items() if p is not None}, expected_last(model, events))
     assert {u: p["event_count"] for u, p in latest.items() if p} == Counter(e.user_id for e in events)
-    stored = [state_codec.decode(v) for db in store.dbs.values() for _, v in db.items()]
+    stored = [state_codec.decode(v) for db in flushed(processor, store).dbs.values() for _, v in db.items()]
     assert len(stored) == 40 and {s.fingerprint for s in stored} == {model.fingerprint}
 
 
@@ -126,10 +136,10 @@ def test_a_redelivered_batch_changes_no_state(pipeline) -> None:  # type: ignore
     processor, store, _ = pipeline
     records = Partitions().events(synthetic(120, users=10))
     run(processor, records)
-    before = {p: dict(db.items()) for p, db in store.dbs.items()}
+    before = {p: dict(db.items()) for p, db in flushed(processor, store).dbs.items()}
     report = run(processor, records)
     assert report.redelivered == len(records) and report.applied == 0
-    assert {p: dict(db.items()) for p, db in store.dbs.items()} == before
+    assert {p: dict(db.items()) for p, db in flushed(processor, store).dbs.items()} == before
 
 
 def test_bad_records_are_dead_lettered_with_their_reason_and_bytes(pipeline) -> None:  # type: ignore[no-untyped-def]
@@ -152,8 +162,8 @@ def test_a_forget_request_erases_the_users_state_and_tombstones_the_profile(pipe
     user = events[0].user_id.encode()
     run(processor, source.events(events))
     partition = sum(user) % PARTITIONS
-    assert store.get_many(partition, [user]) != [None]
+    assert flushed(processor, store).get_many(partition, [user]) != [None]
     report = run(processor, [source.record(user, None, tuple(forget_headers()))])
     assert report.forgotten == 1
-    assert store.get_many(partition, [user]) == [None]
+    assert flushed(processor, store).get_many(partition, [user]) == [None]
     assert publisher.profiles_sent[-1] == (user.decode(), None)
