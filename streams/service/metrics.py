@@ -33,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 from models.events import EVENT_TYPES
 
 from ..internals import histogram_add, histogram_bounds
+from ..pipeline.stages import STAGES
 
 #: Reason codes of the validation and admission steps, created at zero so that
 #: ``rate()`` sees the very first dead-lettered record (a counter series that
@@ -58,6 +59,8 @@ BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 #: Dense around the 0.5 s p99 SLO (deploy/README.md) so the quantile is sharp there.
 #: Lookups answer in milliseconds; forwarded batches of 1,000 users take tens of them.
 LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: What a state lookup found in the write-behind cache (streams/state/cache.py).
+CACHE_RESULTS: tuple[str, ...] = ("hit", "miss")
 #: The lookup routes, as the ``endpoint`` label names them (docs/http.md).
 LOOKUP_ENDPOINTS: tuple[str, ...] = ("profile", "profiles")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -167,6 +170,21 @@ class Metrics:
             "profilestream_recovery_remaining_records",
             "Changelog records still to be read into the state table (0: recovered), by kind (active, standby).",
             ["kind"], registry=r)
+        self.stage_seconds = Counter(
+            "profilestream_stage_seconds",
+            "Wall seconds spent in each pipeline stage (streams/pipeline/stages.py), summed over batches.",
+            ["stage"], registry=r)
+        self.state_cache_users = Gauge(
+            "profilestream_state_cache_users", "Users whose decoded state the write-behind cache holds.",
+            registry=r)
+        self.state_cache_dirty_users = Gauge(
+            "profilestream_state_cache_dirty_users",
+            "Cached users whose state is not yet in RocksDB and the changelog (written at the next commit).",
+            registry=r)
+        self.state_cache_lookups = Counter(
+            "profilestream_state_cache_lookups",
+            "User states looked up through the write-behind cache, by result (hit, miss: read from RocksDB).",
+            ["result"], registry=r)
 
         for kind in EVENT_TYPES:
             self.events_consumed.labels(type=kind)
@@ -181,6 +199,14 @@ class Metrics:
             self.lookup_seconds.labels(endpoint=endpoint)
         for kind in RECOVERY_KINDS:
             self.recovery_remaining.labels(kind=kind)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
+        for result in CACHE_RESULTS:
+            self.state_cache_lookups.labels(result=result)
+        #: What :meth:`sync_stages` and :meth:`set_state_cache` last saw of the processor's own
+        #: cumulative figures: the counters advance by the difference.
+        self._seen_stages: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self._seen_lookups: dict[str, int] = dict.fromkeys(CACHE_RESULTS, 0)
         # Computed at scrape time, so it keeps growing when the agent dies silently
         # (the NoProgressWithLag alert); counted from start-up until the first batch.
         self._last_batch_at = time.time()
@@ -245,6 +271,28 @@ class Metrics:
         """Records faust's table recovery still has to read, for owned and standby partitions."""
         self.recovery_remaining.labels(kind="active").set(active)
         self.recovery_remaining.labels(kind="standby").set(standby)
+
+    def sync_stages(self, seconds: Mapping[str, float]) -> None:
+        """Advance the stage counters to the processor's cumulative stage clock.
+
+        Called from the monitor timer, not per batch: 13 locked increments per
+        batch would cost a visible share of the small-batch budget.
+        """
+        for stage, total in seconds.items():
+            delta = total - self._seen_stages[stage]
+            if delta > 0:
+                self.stage_seconds.labels(stage=stage).inc(delta)
+                self._seen_stages[stage] = total
+
+    def set_state_cache(self, *, users: int, dirty: int, hits: int, misses: int) -> None:
+        """The write-behind cache's size and its cumulative hit and miss counts."""
+        self.state_cache_users.set(users)
+        self.state_cache_dirty_users.set(dirty)
+        for result, total in (("hit", hits), ("miss", misses)):
+            delta = total - self._seen_lookups[result]
+            if delta > 0:
+                self.state_cache_lookups.labels(result=result).inc(delta)
+                self._seen_lookups[result] = total
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

@@ -1,5 +1,5 @@
 """Periodic health facts that no batch reports by itself: lag, state size, readiness,
-table-recovery progress.
+table-recovery progress, the state cache and the per-stage clock.
 
 Sampled on a timer, not in the processing path, so the figures keep moving
 when processing stalls -- which is exactly when SREs need them.
@@ -36,6 +36,9 @@ async def sample(app: faust.App, settings: Settings, metrics: Metrics, processor
     recovery = app.tables.recovery
     metrics.set_recovery_remaining(recovery.active_remaining_total(), recovery.standby_remaining_total())
     metrics.set_users_in_state(store.count())
+    metrics.sync_stages(processor.clock.seconds)
+    cache = processor.states
+    metrics.set_state_cache(users=len(cache), dirty=cache.dirty, hits=cache.hits, misses=cache.misses)
     if not assigned or app.rebalancing:
         return
     try:

@@ -81,6 +81,33 @@ def test_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(
     log.warning("kill -9 x3: %d redelivered events skipped", skipped)
 
 
+def test_kill_9_while_the_state_cache_holds_unflushed_states(deployment: Deployment, model: ProfileModel) -> None:
+    """The write-behind cache (streams/state/cache.py) has applied events whose states are in
+    neither RocksDB nor the changelog, and published their profiles, when the worker dies.
+    Their offsets were not committed either (a commit flushes first), so the next worker reads
+    those events again and rebuilds exactly those states."""
+    events = synthetic(2500, users=120, seed=26)
+    slow_commits = {"PROFILESTREAM_COMMIT_INTERVAL_S": "60", "PROFILESTREAM_MONITOR_INTERVAL_S": "0.5"}
+    worker = deployment.worker(**slow_commits).start()
+    producer = BackgroundProducer(deployment, events, paced(len(events), 150.0)).start()
+    try:
+        def unflushed() -> float:
+            body = worker.http("/metrics")[1].decode()
+            return metric_sum(body, "profilestream_state_cache_dirty_users") if metric_sum(
+                body, "profilestream_profiles_published_total") > 0 else 0.0
+        dirty = wait_for(unflushed, 60, what="published profiles whose states are not flushed yet")
+        worker.kill()  # no shutdown code runs: the cached states are lost with the process
+        producer.join()
+        worker = deployment.worker().start()  # same RocksDB directory, default commit interval
+        finish(deployment, model, events, f"kill -9 with {dirty:.0f} unflushed users", [worker])
+        # Nothing was committed in the 60 s interval, and nothing reached RocksDB: the next
+        # worker applies every event once, from the start.
+        consumed = metric_sum(worker.http("/metrics")[1].decode(), "profilestream_events_consumed_total")
+        assert consumed == len(events)
+    finally:
+        worker.stop()
+
+
 def test_rebalance_under_live_traffic(deployment: Deployment, model: ProfileModel) -> None:
     events = synthetic(3000, users=200, seed=22)
     first = deployment.worker(0, **OVERLAP_EVERY_BATCH).start()

@@ -65,6 +65,10 @@ def test_every_family_has_its_name_and_type(m: Metrics) -> None:
         "profilestream_assigned_partitions": "gauge",
         "profilestream_ready": "gauge",
         "profilestream_recovery_remaining_records": "gauge",
+        "profilestream_stage_seconds": "counter",
+        "profilestream_state_cache_users": "gauge",
+        "profilestream_state_cache_dirty_users": "gauge",
+        "profilestream_state_cache_lookups": "counter",
     }
     assert {name: types.get(name) for name in expected} == expected
 
@@ -221,6 +225,21 @@ def test_recovery_remaining(m: Metrics) -> None:
     samples, _ = scrape(m)
     assert value(samples, "profilestream_recovery_remaining_records", kind="active") == 1200
     assert value(samples, "profilestream_recovery_remaining_records", kind="standby") == 35
+
+
+def test_stage_and_cache_counters_follow_the_processors_cumulative_figures(m: Metrics) -> None:
+    m.sync_stages({"lookup": 0.25, "model_step": 1.0})
+    m.sync_stages({"lookup": 0.75, "model_step": 1.0})  # model_step unchanged: no increment
+    m.set_state_cache(users=10, dirty=4, hits=7, misses=3)
+    m.set_state_cache(users=12, dirty=0, hits=9, misses=3)
+    samples, _ = scrape(m)
+    assert value(samples, "profilestream_stage_seconds_total", stage="lookup") == 0.75
+    assert value(samples, "profilestream_stage_seconds_total", stage="model_step") == 1.0
+    assert value(samples, "profilestream_stage_seconds_total", stage="flush") == 0.0  # exists before use
+    assert value(samples, "profilestream_state_cache_users") == 12
+    assert value(samples, "profilestream_state_cache_dirty_users") == 0
+    assert value(samples, "profilestream_state_cache_lookups_total", result="hit") == 9
+    assert value(samples, "profilestream_state_cache_lookups_total", result="miss") == 3
 
 
 def test_render_content_type(m: Metrics) -> None:
