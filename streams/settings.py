@@ -63,7 +63,8 @@ class Settings:
     overlap_min_events: int = _env_field(
         "PROFILESTREAM_OVERLAP_MIN_EVENTS", 500,
         "A fetched batch of at least this many events means the worker is behind: the next batch is "
-        "prepared while this one's model step runs (throughput); smaller ones are applied first (latency).")
+        "prepared while this one's model step runs in the model thread (throughput); smaller ones are applied "
+        "first, their model step inline (latency).")
     state_cache_users: int = _env_field(
         "PROFILESTREAM_STATE_CACHE_USERS", 20000,
         "Users whose decoded state a worker keeps in memory, least recently used evicted (written to "

@@ -159,7 +159,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     processor = BatchProcessor(model, store, publisher, metrics, events_end, settings.events_topic,
                                reset_mismatched=settings.on_model_mismatch == "reset",
                                partitions_of=lambda topic: app.consumer.topic_partitions(topic) or settings.partitions,
-                               cache_users=settings.state_cache_users)
+                               cache_users=settings.state_cache_users,
+                               thread_min_events=settings.overlap_min_events)
     health = WorkerHealth()
 
     def on_batch(records: Sequence[SourceRecord]) -> Awaitable[None]:

@@ -78,16 +78,17 @@ class MemoryPublisher:
         return dict(self.profiles_sent)
 
 
-@pytest.fixture(params=[0, 3, 10_000], ids=["write-through", "cache-of-3", "cache"])
+@pytest.fixture(params=[(0, 1), (3, 1), (10_000, 2**31)], ids=["write-through", "cache-of-3", "cache-inline"])
 def pipeline(model: ProfileModel, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """The processor with no state cache, one so small that most batches evict, and a roomy one."""
+    """The processor with no state cache, one so small that most batches evict, and a roomy one;
+    the last steps the model inline instead of in the model thread, as the worker does for small batches."""
     store, publisher = RocksStateStore(tmp_path), MemoryPublisher()
     async def events_end(partition: int) -> int:
         """No log here: every offset the tests use lies below its partition's end."""
         return 2**63 - 1
 
     processor = BatchProcessor(model, store, publisher, Metrics(CollectorRegistry()), events_end, "events",
-                               cache_users=request.param)
+                               cache_users=request.param[0], thread_min_events=request.param[1])
     yield processor, store, publisher
     store.close()
 
