@@ -13,7 +13,12 @@ event loop, its signal handlers and its shutdown.
 
 Rates are measured over each mode's *processing window* -- from its first
 record in to its last output handed to the producer and flushed -- so start-up
-(model load, group join, table recovery) is not counted against anyone.
+(model load, group join, table recovery) is not counted against anyone.  Each
+result also carries the window's bounds on the system-wide monotonic clock
+(``window_monotonic``), so the orchestrator can measure the broker's CPU over
+the same seconds, and the mode's own CPU share over it (``worker_cpu``, one
+core = 1.0).  The ProfileStream mode adds where its batches' time went, per
+pipeline stage, between the end of its warm-up and its last batch (``stages``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..pipeline.stages import STAGES, StageClock
 
 RESULT_PREFIX = "BENCH_RESULT "
 READY_LINE = "BENCH_READY"
@@ -61,6 +68,28 @@ def _status_kb(field_name: str) -> int:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Instant:
+    """One end of a processing window: when (on two clocks) and the process's CPU seconds so far."""
+
+    perf_s: float
+    monotonic_s: float
+    cpu_s: float
+
+    @staticmethod
+    def now() -> "_Instant":
+        # process_time: all of this process's threads (the model thread's step included).
+        return _Instant(time.perf_counter(), time.monotonic(), time.process_time())
+
+
+def window_fields(opened: _Instant | None, closed: _Instant | None) -> dict[str, Any]:
+    """The window's monotonic bounds and this process's CPU share over it (None without a window)."""
+    if opened is None or closed is None or closed.perf_s <= opened.perf_s:
+        return {"window_monotonic": None, "worker_cpu": None}
+    return {"window_monotonic": [opened.monotonic_s, closed.monotonic_s],
+            "worker_cpu": round((closed.cpu_s - opened.cpu_s) / (closed.perf_s - opened.perf_s), 3)}
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -110,13 +139,13 @@ async def _passthrough(args: argparse.Namespace) -> dict[str, Any]:
     await consumer.start()
     out_topic = f"{args.name}.out"
     n = 0
-    started = None
+    started: _Instant | None = None
     deadline = time.monotonic() + args.seconds
     try:
         while n < args.events and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=1000, max_records=settings.batch_max)
             if started is None and batches:
-                started = time.perf_counter()
+                started = _Instant.now()
             for records in batches.values():
                 for rec in records:
                     obj = json.loads(rec.value)
@@ -124,12 +153,14 @@ async def _passthrough(args: argparse.Namespace) -> dict[str, Any]:
                     await producer.send(out_topic, json.dumps(obj, separators=(",", ":")).encode(), key=rec.key)
                 n += len(records)
         await producer.flush()
-        elapsed = time.perf_counter() - (started or time.perf_counter())
+        ended = _Instant.now()
+        elapsed = ended.perf_s - started.perf_s if started else 0.0
     finally:
         await consumer.stop()
         await producer.stop()
     return {"mode": "passthrough", "events": n, "outputs": n, "seconds": round(elapsed, 3),
-            "events_per_s": round(n / max(elapsed, 1e-9), 1), "peak_rss_bytes": peak_rss_bytes()}
+            "events_per_s": round(n / max(elapsed, 1e-9), 1), "peak_rss_bytes": peak_rss_bytes(),
+            **window_fields(started, ended)}
 
 
 # -- (b) naive per-event faust agent --------------------------------------------
@@ -210,7 +241,8 @@ def _naive(args: argparse.Namespace) -> dict[str, Any]:
             raise
     return {"mode": "naive", "events": window.n, "outputs": window.n, "seconds": round(window.elapsed, 3),
             "events_per_s": round(window.n / max(window.elapsed, 1e-9), 1),
-            "time_limited": window.n < args.events, "peak_rss_bytes": peak_rss_bytes()}
+            "time_limited": window.n < args.events, "peak_rss_bytes": peak_rss_bytes(),
+            **window_fields(window.opened, window.closed)}
 
 
 @dataclass
@@ -220,28 +252,28 @@ class _Window:
     target: int
     budget_s: float
     n: int = 0
-    started: float | None = None
-    ended: float | None = None
+    opened: _Instant | None = None
+    closed: _Instant | None = None
     stopping: bool = False
     latencies: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
+        if self.opened is None:
+            self.opened = _Instant.now()
 
     def add(self, n: int) -> None:
         self.n += n
-        self.ended = time.perf_counter()
+        self.closed = _Instant.now()
 
     def done(self) -> bool:
-        return self.n >= self.target or (self.started is not None
-                                         and time.perf_counter() - self.started >= self.budget_s)
+        return self.n >= self.target or (self.opened is not None
+                                         and time.perf_counter() - self.opened.perf_s >= self.budget_s)
 
     @property
     def elapsed(self) -> float:
-        if self.started is None or self.ended is None:
+        if self.opened is None or self.closed is None:
             return 0.0
-        return self.ended - self.started
+        return self.closed.perf_s - self.opened.perf_s
 
     def stop_process(self) -> None:
         if not self.stopping:
@@ -252,13 +284,55 @@ class _Window:
 # -- (c) ProfileStream ----------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _StageMark:
+    """The worker's counters at the end of one batch: a stage breakdown is the difference of two."""
+
+    batches: int
+    seconds: dict[str, float]
+    events: int
+    busy_s: float
+    overlap_s: float
+    flushes: int
+    perf_s: float
+
+
+def stage_breakdown(start: _StageMark | None, end: _StageMark | None) -> dict[str, Any] | None:
+    """Mean wall microseconds per batch of each stage between two marks, and the flush per commit.
+
+    ``flush`` (the write-behind cache's write at each commit) is kept out of the
+    per-batch figures: commits come by timer, not per batch.  ``handoff`` (the
+    fetch loop's turn between a fetched batch and its handler) is in the sum but
+    outside ``batch_us``, the wall time in which a batch was being prepared or
+    applied; with overlap a batch's stages may add up to ``batch_us`` plus
+    ``overlap_us``.
+    """
+    if start is None or end is None or end.batches <= start.batches:
+        return None
+    batches = end.batches - start.batches
+    stages = {stage: round((end.seconds[stage] - start.seconds[stage]) / batches * 1e6, 1)
+              for stage in STAGES if stage != "flush"}
+    total = sum(stages.values())
+    flushes = end.flushes - start.flushes
+    flush_s = end.seconds["flush"] - start.seconds["flush"]
+    window_s = end.perf_s - start.perf_s
+    return {"batches": batches, "events_per_batch": round((end.events - start.events) / batches, 1),
+            "batch_us": round((end.busy_s - start.busy_s) / batches * 1e6, 1),
+            "overlap_us": round((end.overlap_s - start.overlap_s) / batches * 1e6, 1),
+            "us_per_batch": stages, "sum_us": round(total, 1),
+            "all_but_model_step_us": round(total - stages["model_step"], 1),
+            "flush": {"commits": flushes, "us_per_commit": round(flush_s / flushes * 1e6, 1) if flushes else None,
+                      "ms_per_s": round(flush_s / window_s * 1e3, 2) if window_s > 0 else None}}
+
+
 @dataclass
 class _Recorder:
-    """Processor listener: progress, latencies, RSS samples; stops the worker at the target.
+    """Processor listener: progress, latencies, RSS samples, stage marks; stops the worker at the target.
 
     Every record counts towards the target, but the rate window opens at the end
     of the first batch: that batch pays one-off costs (lazy torch init, first
-    RocksDB opens) and its start time is not known here.
+    RocksDB opens) and its start time is not known here.  The stage breakdown
+    starts at the first batch that ends after the warm-up.
     """
 
     target: int
@@ -268,8 +342,8 @@ class _Recorder:
     warmup_s: float = 0.0
     processed: int = 0
     in_window: int = 0
-    opened: float | None = None
-    closed: float | None = None
+    opened: _Instant | None = None
+    closed: _Instant | None = None
     latencies: list[np.ndarray] = field(default_factory=list)
     batches: int = 0
     outputs: int = 0
@@ -278,13 +352,22 @@ class _Recorder:
     busy_s: float = 0.0
     overlap_s: float = 0.0
     publish_s: float = 0.0
+    flushes: int = 0
+    clock: StageClock | None = None
+    #: The processor's write-behind state cache (streams/state/cache.py), counted beside RocksDB.
+    states: Any = None
+    stage_start: _StageMark | None = None
+    stage_end: _StageMark | None = None
     _next_point: int = 0
     _active: int = 0
     _active_since: float = 0.0
 
     def instrument(self, processor: Any) -> None:
-        """Time the processor's batches and its profile sends (where the worker's time goes)."""
-        prepare, apply, profiles = processor.prepare, processor.apply, processor.publisher.profiles
+        """Time the processor's batches and its profile sends (where the worker's time goes),
+        and count its flushes (one per commit)."""
+        prepare, apply, profiles, flush = (processor.prepare, processor.apply, processor.publisher.profiles,
+                                           processor.flush)
+        self.clock, self.states = processor.clock, processor.states
 
         def timed_prepare(records: Any) -> Any:
             self._busy(+1)
@@ -307,7 +390,11 @@ class _Recorder:
             finally:
                 self.publish_s += time.perf_counter() - t0
 
-        processor.prepare, processor.apply = timed_prepare, timed_apply
+        async def counted_flush() -> None:
+            self.flushes += 1
+            await flush()
+
+        processor.prepare, processor.apply, processor.flush = timed_prepare, timed_apply, counted_flush
         processor.publisher.profiles = timed_profiles
 
     def _busy(self, change: int) -> None:
@@ -321,22 +408,38 @@ class _Recorder:
         self._active += change
         self._active_since = now
 
+    def _mark(self, now: float) -> _StageMark | None:
+        """The counters now, the busy interval still open (this batch's apply) included."""
+        if self.clock is None:
+            return None
+        open_s = now - self._active_since if self._active else 0.0
+        batches, seconds = self.clock.snapshot()
+        return _StageMark(batches, seconds, self.processed, self.busy_s + open_s,
+                          self.overlap_s + (open_s if self._active > 1 else 0.0), self.flushes, now)
+
     def on_batch(self, report: Any, latencies_s: np.ndarray) -> None:
-        now = time.perf_counter()
+        instant = _Instant.now()
+        now = instant.perf_s
         if self.opened is None:
-            self.opened = now
+            self.opened = instant
         else:
             self.in_window += report.records
-            self.closed = now
+            self.closed = instant
         self.processed += report.records
         self.batches += 1
         self.outputs += report.users
-        if now - self.opened >= self.warmup_s:
+        if now - self.opened.perf_s >= self.warmup_s:
             self.latencies.append(latencies_s)
+            if self.stage_start is None:
+                self.stage_start = self._mark(now)
+            else:
+                self.stage_end = self._mark(now)
         while (self._next_point < len(self.rss_points)
                and self.processed >= self.rss_points[self._next_point] * self.target):
+            # RocksDB gets a cached user's state only at a commit or an eviction: both counts.
             self.rss.append({"fraction": self.rss_points[self._next_point], "events": self.processed,
-                             "rss_bytes": rss_bytes(), "users_cached": count_users(self.store)})
+                             "rss_bytes": rss_bytes(), "users_cached": count_users(self.store),
+                             "users_in_cache": len(self.states) if self.states is not None else None})
             self._next_point += 1
         self.check()
 
@@ -344,14 +447,14 @@ class _Recorder:
         """Stop at the target, or when the time budget is spent (also called from a timer)."""
         if self.stopping:
             return
-        over = self.opened is not None and time.perf_counter() - self.opened >= self.budget_s
+        over = self.opened is not None and time.perf_counter() - self.opened.perf_s >= self.budget_s
         if self.processed >= self.target or over:
             self.stopping = True
             os.kill(os.getpid(), signal.SIGTERM)
 
     @property
     def elapsed(self) -> float:
-        return 0.0 if self.opened is None or self.closed is None else self.closed - self.opened
+        return 0.0 if self.opened is None or self.closed is None else self.closed.perf_s - self.opened.perf_s
 
 
 def count_users(store: Any) -> int:
@@ -402,7 +505,8 @@ def _profilestream(args: argparse.Namespace) -> dict[str, Any]:
             # Linux folds the current RSS into VmHWM only at some points (e.g. an unmap), so
             # VmHWM can read a few pages below a VmRSS sampled earlier (seen once in CI).
             "peak_rss_bytes": max([peak_rss_bytes(), *(s["rss_bytes"] for s in rec.rss)]),
-            "time_limited": rec.processed < args.events}
+            "time_limited": rec.processed < args.events, "state_cache_users": settings.state_cache_users,
+            "stages": stage_breakdown(rec.stage_start, rec.stage_end), **window_fields(rec.opened, rec.closed)}
 
 
 # -- command line ---------------------------------------------------------------
