@@ -17,9 +17,10 @@ __all__ = ["DEFAULT_KEEP_PROFILES", "DEFAULT_MAX_BROKER_MIB", "DEFAULT_MIN_AVAIL
            "add_demo_memory_flags", "limits_from_args"]
 
 MIB = 1024 * 1024
-#: The broker's resident memory at which the demo stops.  At the demo's default
-#: rate the broker grows by tens of MiB a minute (docs/performance.md "Soak"), so
-#: this leaves the demo hours; at 1,500 events/s and 200,000 users, minutes.
+#: The broker's resident memory at which the demo stops: a size any development
+#: machine can spare.  The broker grew ~70 MiB a minute at the demo's default rate
+#: and ~180 at 1,500 events/s with 200,000 users (docs/performance.md "Soak"), so
+#: this is about half an hour of the default demo, and about 11 minutes of the latter.
 DEFAULT_MAX_BROKER_MIB = 2048
 #: Memory the kernel must still see available (MemAvailable) for the demo to go
 #: on: below it the next growth of the broker or the demo risks the OOM killer.
