@@ -24,6 +24,7 @@ from models.loaders import FORMATS
 
 from .cli_common import EXIT_UNAVAILABLE, CliError, Parser, add_output_flag
 from .dev.bench import add_bench_command
+from .dev.demo_limits import add_demo_memory_flags, limits_from_args
 from .dev.produce import add_produce_command
 from .ops.backfill import add_backfill_command
 from .ops.cluster_status import add_status_command
@@ -47,7 +48,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .dev.demo import DemoOptions, run_demo
     run_demo(DemoOptions(rate=args.rate, users=args.users, duration_s=args.duration,
                          summary_every_s=args.summary_every, data=args.data, data_format=args.format,
-                         dump_profiles=args.output))
+                         dump_profiles=args.output, keep_profiles=args.keep_profiles,
+                         limits=limits_from_args(args)))
     return 0
 
 
@@ -83,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-every", type=float, default=5.0, help="seconds between summary lines")
     p.add_argument("--data", type=Path, default=None, help="replay this log instead of synthetic traffic")
     p.add_argument("--format", choices=FORMATS, default="jsonl", help="format of --data")
-    add_output_flag(p, "on stop, write the last published profile per user to this JSONL file", required=False)
+    add_output_flag(p, "on stop, write the last published profile of each user the demo keeps (see "
+                       "--keep-profiles) to this JSONL file", required=False)
+    add_demo_memory_flags(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker alone (development)")

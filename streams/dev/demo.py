@@ -2,8 +2,12 @@
 
 Starts the embedded broker, a worker, a traffic source (synthetic funnel
 traffic, or a real log with ``--data``) and a profile follower, logs a live
-summary every few seconds, and on Ctrl-C or ``--duration`` stops everything and
-removes its temporary data.
+summary every few seconds, and on Ctrl-C, ``--duration`` or a memory limit
+(streams/dev/demo_limits.py) stops everything and removes its temporary data.
+Left running, it must not exhaust the machine: the follower keeps a bounded
+number of profiles, and the embedded broker, which keeps every record, is
+watched and the demo stopped before it grows past its limit.
+``python -m streams.dev.soak`` runs the same pipeline and samples it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -31,10 +37,17 @@ from ..kafka.client_config import aiokafka_options
 from ..pipeline.processor import BatchReport
 from ..settings import Settings
 from ..kafka.topics import assign_whole_topic, caught_up
+from .demo_limits import DEFAULT_KEEP_PROFILES, MIB, MemoryLimits
+from .proc_stats import available_memory_bytes, sample
 from .traffic import SyntheticTraffic
 from ..service.worker import run_worker
 
 log = logging.getLogger("profilestream.demo")
+
+#: Partitions of the demo's topics.  Its one worker gains nothing from more, and the
+#: embedded broker's memory per record falls as batches grow (docs/embedded-broker.md):
+#: with the default 8 its memory grew ~1.5x as fast and its CPU 5-7x as fast (docs/performance.md "Soak").
+DEMO_PARTITIONS = 1
 
 
 @dataclass
@@ -42,32 +55,52 @@ class DemoOptions:
     rate: float = 500.0
     users: int = 2_000
     duration_s: float | None = None
-    summary_every_s: float = 5.0
+    #: Seconds between summary lines; None: no summary (the soak prints its own rows).
+    summary_every_s: float | None = 5.0
     data: Path | None = None
     data_format: str = "jsonl"
     dump_profiles: Path | None = None
+    #: Profiles the follower keeps (the most recently updated users'), and so the most a dump holds.
+    keep_profiles: int = DEFAULT_KEEP_PROFILES
+    limits: MemoryLimits = field(default_factory=MemoryLimits)
+    #: Seconds between two checks of the memory limits.
+    guard_every_s: float = 2.0
+
+
+@dataclass
+class Window:
+    """What the worker did between two :meth:`LiveStats.take` calls."""
+
+    events: int
+    seconds: float
+    p50_s: float
+    p99_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / max(self.seconds, 1e-9)
 
 
 @dataclass
 class LiveStats:
-    """Rolling figures for the summary line, fed once per processed batch."""
+    """Rolling figures for a summary line or a soak row, fed once per processed batch."""
 
     events: int = 0
     latencies: list[np.ndarray] = field(default_factory=list)
-    last_summary: float = field(default_factory=time.monotonic)
+    last_take: float = field(default_factory=time.monotonic)
 
     def on_batch(self, report: BatchReport, latencies_s: np.ndarray) -> None:
         self.events += report.records
         self.latencies.append(latencies_s)
 
-    def take(self) -> tuple[float, float, float]:
-        """(events/s, p50 s, p99 s) since the previous call."""
+    def take(self) -> Window:
+        """Events and event->profile latency percentiles since the previous call."""
         now = time.monotonic()
-        rate = self.events / max(now - self.last_summary, 1e-9)
         lat = np.concatenate(self.latencies) if self.latencies else np.zeros(0)
         p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (float("nan"), float("nan")))
-        self.events, self.latencies, self.last_summary = 0, [], now
-        return rate, float(p50), float(p99)
+        window = Window(self.events, now - self.last_take, float(p50), float(p99))
+        self.events, self.latencies, self.last_take = 0, [], now
+        return window
 
 
 def encode_event(event: Event) -> tuple[bytes, bytes]:
@@ -99,32 +132,71 @@ async def produce_events(settings: Settings, events: list[Event] | None, opts: D
         await producer.stop()
 
 
-async def follow_profiles(settings: Settings, latest: dict[str, dict], until_end: bool = False) -> None:
-    """Keep the latest profile per user, as a downstream ranker would.
+class ProfileFollower:
+    """The latest profile of the most recently updated users, as a downstream ranker would keep it.
 
-    With ``until_end`` it stops once it has read everything published so far.
+    At most ``keep`` profiles are held, least recently updated dropped first: a
+    parsed profile costs a few KiB, so keeping every user's grew the demo by
+    ~100 MiB a minute at 200,000 users.  It remembers how far it has read, so
+    the final catch-up before a dump reads only what came after.
     """
-    consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = await assign_whole_topic(consumer, settings.profiles_topic)
-        ends = (await end_offsets(consumer, tps, settings)
-                if until_end else {})
-        while not (until_end and await caught_up(consumer, ends)):
-            batches = await consumer.getmany(timeout_ms=500)
-            for messages in batches.values():
-                for msg in messages:
-                    if msg.value is None:
-                        latest.pop(msg.key.decode(), None)
-                    else:
-                        latest[msg.key.decode()] = json.loads(msg.value)
-    finally:
-        await consumer.stop()
+
+    def __init__(self, keep: int) -> None:
+        if keep < 1:
+            raise ValueError("the follower must keep at least one profile")
+        self.keep = keep
+        self.latest: OrderedDict[str, dict] = OrderedDict()
+        #: Partition -> offset of the next profile message to read.
+        self.positions: dict[int, int] = {}
+
+    def apply(self, partition: int, offset: int, key: bytes, value: bytes | None) -> None:
+        """Take one profile message (a tombstone, value None, forgets the user)."""
+        user = key.decode()
+        if value is None:
+            self.latest.pop(user, None)
+        else:
+            self.latest[user] = json.loads(value)
+            self.latest.move_to_end(user)
+            if len(self.latest) > self.keep:
+                self.latest.popitem(last=False)
+        self.positions[partition] = offset + 1
+
+    async def follow(self, settings: Settings, until_end: bool = False) -> None:
+        """Read the profile topic from where this follower stopped (the start, the first time).
+
+        With ``until_end`` it stops once it has read everything published so far.
+        """
+        consumer = AIOKafkaConsumer(**aiokafka_options(settings), enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = await assign_whole_topic(consumer, settings.profiles_topic)
+            for tp in tps:
+                if tp.partition in self.positions:
+                    consumer.seek(tp, self.positions[tp.partition])
+            ends = (await end_offsets(consumer, tps, settings)
+                    if until_end else {})
+            while not (until_end and await caught_up(consumer, ends)):
+                batches = await consumer.getmany(timeout_ms=500)
+                for messages in batches.values():
+                    for msg in messages:
+                        self.apply(msg.partition, msg.offset, msg.key, msg.value)
+        finally:
+            await consumer.stop()
+
+    def dump(self, path: Path) -> None:
+        with open(path, "w") as out:
+            for profile in self.latest.values():
+                out.write(json.dumps(profile) + "\n")
+        log.info("wrote %d profiles to %s (the most recently updated users', --keep-profiles %d)",
+                 len(self.latest), path, self.keep)
 
 
-def summary_line(rate: float, p50: float, p99: float, latest: dict[str, dict]) -> str:
-    line = f"{rate:8.0f} events/s | event->profile p50 {p50 * 1000:6.1f} ms p99 {p99 * 1000:6.1f} ms " \
-           f"| {len(latest)} users"
+def summary_line(window: Window, users_in_state: int, broker_rss_bytes: int | None,
+                 latest: dict[str, dict]) -> str:
+    line = f"{window.rate:8.0f} events/s | event->profile p50 {window.p50_s * 1000:6.1f} ms " \
+           f"p99 {window.p99_s * 1000:6.1f} ms | {users_in_state} users"
+    if broker_rss_bytes is not None:
+        line += f" | broker {broker_rss_bytes / MIB:,.0f} MiB"
     if latest:
         user, prof = max(latest.items(), key=lambda kv: kv[1]["event_count"])
         intent = " ".join(f"{k}={v:.2f}" for k, v in prof["intent"].items())
@@ -132,7 +204,40 @@ def summary_line(rate: float, p50: float, p99: float, latest: dict[str, dict]) -
     return line
 
 
-def run_demo(opts: DemoOptions) -> None:
+@dataclass
+class DemoRun:
+    """A running demo, handed to an extension (the soak's sampler) and returned when it ends."""
+
+    options: DemoOptions
+    broker: EmbeddedBroker
+    follower: ProfileFollower
+    #: Why the memory guard stopped the demo; None when it did not.
+    stopped_by_limit: str | None = None
+    _stopping: bool = field(default=False, repr=False)
+
+    def stop(self) -> None:
+        """Stop the demo as Ctrl-C does: the worker shuts down, then the demo cleans up."""
+        if not self._stopping:
+            self._stopping = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def check_limits(self) -> None:
+        """Stop the demo, saying why, once the broker or the machine's memory crosses its limit."""
+        if self._stopping:
+            return
+        broker = sample(self.broker.pid)
+        reason = self.options.limits.breach(broker.rss_bytes if broker else None, available_memory_bytes())
+        if reason is not None:
+            self.stopped_by_limit = reason
+            log.warning("stopping the demo: %s", reason)
+            self.stop()
+
+
+#: Adds tasks, timers or batch listeners to the demo's worker (the soak's sampler).
+Extension = Callable[[ProfileStreamApp, DemoRun], None]
+
+
+def run_demo(opts: DemoOptions, extend: Extension | None = None) -> DemoRun:
     events = None
     if opts.data is not None:
         from models.loaders import load_events
@@ -141,17 +246,17 @@ def run_demo(opts: DemoOptions) -> None:
         log.info("loaded %d events from %s (%d malformed rows skipped)", len(events), opts.data,
                  loaded.malformed_total)
     workdir = Path(tempfile.mkdtemp(prefix="profilestream-demo-"))
-    latest: dict[str, dict] = {}
+    follower = ProfileFollower(opts.keep_profiles)
     try:
         with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+            run = DemoRun(opts, broker, follower)
             settings = Settings.from_env(
                 bootstrap_servers=broker.bootstrap_servers, embedded_broker=True, replication_factor=1,
-                data_dir=workdir / "state", web_port=free_port(), web_host="127.0.0.1")
+                partitions=DEMO_PARTITIONS, data_dir=workdir / "state", web_port=free_port(),
+                web_host="127.0.0.1")
             log.info("metrics and health on http://127.0.0.1:%d/metrics", settings.web_port)
 
             def customize(service: ProfileStreamApp) -> None:
-                stats = LiveStats()
-                service.processor.listeners.append(stats.on_batch)
                 app = service.app
 
                 @app.task
@@ -159,25 +264,37 @@ def run_demo(opts: DemoOptions) -> None:
                     await produce_events(settings, events, opts)
 
                 @app.task
-                async def follower() -> None:
-                    await follow_profiles(settings, latest)
+                async def follow() -> None:
+                    await follower.follow(settings)
 
-                @app.timer(opts.summary_every_s)
-                async def summary() -> None:
-                    log.info(summary_line(*stats.take(), latest))
+                @app.timer(opts.guard_every_s)
+                async def guard() -> None:
+                    run.check_limits()
+
+                if opts.summary_every_s is not None:
+                    stats = LiveStats()
+                    service.processor.listeners.append(stats.on_batch)
+
+                    @app.timer(opts.summary_every_s)
+                    async def summary() -> None:
+                        broker_now = sample(broker.pid)
+                        log.info(summary_line(stats.take(), service.store.count(),
+                                              broker_now.rss_bytes if broker_now else None, follower.latest))
 
                 if opts.duration_s is not None:
                     @app.task
                     async def stop_later() -> None:
                         await asyncio.sleep(opts.duration_s)
-                        os.kill(os.getpid(), signal.SIGTERM)
+                        run.stop()
+
+                if extend is not None:
+                    extend(service, run)
 
             run_worker(settings, customize)
-            asyncio.run(follow_profiles(settings, latest, until_end=True))
+            if opts.dump_profiles is not None:
+                asyncio.run(follower.follow(settings, until_end=True))
     finally:
         if opts.dump_profiles is not None:
-            with open(opts.dump_profiles, "w") as out:
-                for profile in latest.values():
-                    out.write(json.dumps(profile) + "\n")
-            log.info("wrote %d profiles to %s", len(latest), opts.dump_profiles)
+            follower.dump(opts.dump_profiles)
         shutil.rmtree(workdir, ignore_errors=True)
+    return run
