@@ -26,6 +26,7 @@ a newer version always contains an older one's events.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
@@ -35,8 +36,9 @@ from models import UserState
 __all__ = ["StateBackend", "StateCache", "StoredState"]
 
 #: Entries encoded and written between two yields to the event loop while flushing, so that a
-#: flush of many users does not hold up the batches behind it.
-FLUSH_CHUNK = 512
+#: flush of many users holds up a batch behind it by ~2 ms at most (~15 us a user), not by the
+#: whole flush: in the bench, 512 gave p99 80 ms at 25 % load where 128 gave 60.
+FLUSH_CHUNK = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,15 +158,22 @@ class StateCache:
             victims = [pk for pk, _ in zip(self._slots, range(excess))]
             await self._write(victims, evict=True)
 
-    async def flush(self) -> None:
-        """Write every dirty state to the store (and the changelog), in chunks between which batches run."""
-        pending = [pk for pk, slot in self._slots.items() if slot.dirty]
-        for start in range(0, len(pending), FLUSH_CHUNK):
-            await self._write(pending[start:start + FLUSH_CHUNK], evict=False)
+    async def flush(self) -> float:
+        """Write every dirty state to the store (and the changelog), in chunks between which batches run.
 
-    async def _write(self, keys: list[tuple[int, bytes]], evict: bool) -> None:
-        """Write the current value of each of ``keys`` that is still dirty; with ``evict``, drop them after."""
+        Returns the seconds spent writing: the flush's wall time also holds the batches run
+        between its chunks."""
+        pending = [pk for pk, slot in self._slots.items() if slot.dirty]
+        spent = 0.0
+        for start in range(0, len(pending), FLUSH_CHUNK):
+            spent += await self._write(pending[start:start + FLUSH_CHUNK], evict=False)
+        return spent
+
+    async def _write(self, keys: list[tuple[int, bytes]], evict: bool) -> float:
+        """Write the current value of each of ``keys`` that is still dirty; with ``evict``, drop them after.
+        Returns the seconds it took once it held the write lock."""
         async with self._write_lock:
+            started = time.perf_counter()
             by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
             slots = self._slots
             for pk in keys:
@@ -181,6 +190,7 @@ class StateCache:
                 self.backend.write_local(partition, items)
             for partition, items in by_partition.items():
                 await self.backend.send_changelog(partition, items)
+            return time.perf_counter() - started
 
     def drop(self, partitions: Iterable[int] | None = None) -> int:
         """Forget the cached states of ``partitions`` (all if None), flushed or not; returns how many.
