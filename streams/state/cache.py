@@ -161,8 +161,9 @@ class StateCache:
     async def flush(self) -> float:
         """Write every dirty state to the store (and the changelog), in chunks between which batches run.
 
-        Returns the seconds spent writing: the flush's wall time also holds the batches run
-        between its chunks."""
+        Returns the seconds spent encoding and writing to RocksDB: the flush's wall time also
+        holds the batches run between its chunks, and the changelog hand-off its waits for the
+        client's partition buffers."""
         pending = [pk for pk, slot in self._slots.items() if slot.dirty]
         spent = 0.0
         for start in range(0, len(pending), FLUSH_CHUNK):
@@ -171,7 +172,7 @@ class StateCache:
 
     async def _write(self, keys: list[tuple[int, bytes]], evict: bool) -> float:
         """Write the current value of each of ``keys`` that is still dirty; with ``evict``, drop them after.
-        Returns the seconds it took once it held the write lock."""
+        Returns the seconds spent encoding and writing to RocksDB."""
         async with self._write_lock:
             started = time.perf_counter()
             by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
@@ -188,9 +189,10 @@ class StateCache:
                     del slots[pk]
             for partition, items in by_partition.items():
                 self.backend.write_local(partition, items)
+            spent = time.perf_counter() - started
             for partition, items in by_partition.items():
                 await self.backend.send_changelog(partition, items)
-            return time.perf_counter() - started
+            return spent
 
     def drop(self, partitions: Iterable[int] | None = None) -> int:
         """Forget the cached states of ``partitions`` (all if None), flushed or not; returns how many.
