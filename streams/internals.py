@@ -11,6 +11,7 @@ removes or renames one, and lets the rest of the code use plain public names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Set
 
 import aiokafka
@@ -57,6 +58,8 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_unacked_messages", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_waiting_for_ack", per_instance=True),
     PrivateName("mode.Service", "_stopped", per_instance=True),
+    # Monitor: when a partition's stream last took a record; faust's stall check reads it.
+    PrivateName("faust.sensors.monitor.Monitor", "stream_inbound_time", per_instance=True),
     # Producer: the aiokafka client inside faust's, for record batches.
     PrivateName("faust.transport.drivers.aiokafka.Producer", "_ensure_producer"),
     # Table store: one RocksDB per table partition.
@@ -164,8 +167,15 @@ class ConsumerHooks(FetchWaitConsumer):
         """faust's per-record ``ack`` bookkeeping for many offsets at once; releases ``pending``.
 
         Records the offsets faust commits: those at or past the committed
-        offset, once each.
+        offset, once each.  Also stamps each partition as processed now in
+        faust's monitor, as its per-event stream does: faust's stall check
+        (``verify_event_path``) logs "Stream has not started processing" at
+        ERROR every few seconds for a partition with lag and no stamp, once
+        the worker has run for ``stream_processing_timeout`` (5 minutes).
         """
+        inbound, now = self.app.monitor.stream_inbound_time, monotonic()
+        for tp in offsets:
+            inbound[tp] = now
         with ack_lock:
             for tp, tp_offsets in offsets.items():
                 committed = self._committed_offset[tp]

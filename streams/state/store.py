@@ -29,6 +29,17 @@ from ..kafka.record_batches import SentBatch, client, send_records
 _FAUST_PREFIX = b"__faust\0"
 
 
+
+def write_atomically(db: rocksdict.Rdict, items: Sequence[tuple[bytes, bytes | None]]) -> None:
+    """Puts and deletes (value None) in one RocksDB write batch: all of them or, after a crash, none."""
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    for key, value in items:
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    db.write(batch)
+
 class TableStateStore:
     """Batched access to a faust ``Table`` whose store is ``rocksdb://``."""
 
@@ -51,13 +62,7 @@ class TableStateStore:
 
     def write_local(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Write puts and deletes (value None) to the partition's RocksDB in one atomic batch."""
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        for key, value in items:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        self._db(partition).write(batch)
+        write_atomically(self._db(partition), items)
 
     async def send_changelog(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Hand the changelog records of a local write to the Kafka client (value None: a tombstone).

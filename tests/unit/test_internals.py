@@ -42,6 +42,7 @@ def instances(tmp_path: Path) -> dict[str, Any]:
         "aiokafka.AIOKafkaConsumer": asyncio.run(kafka_consumer()),
         "faust.transport.drivers.aiokafka.Consumer": consumer,
         "mode.Service": consumer,
+        "faust.sensors.monitor.Monitor": app.monitor,
         "faust.stores.rocksdb.Store": table.data,
         "prometheus_client.Histogram": Histogram("h", "h", registry=CollectorRegistry()),
     }

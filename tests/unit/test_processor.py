@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
-import rocksdict
 from prometheus_client import CollectorRegistry
 
 from models import ProfileModel
 from models.events import Event
 from streams.dev.demo import encode_event
+from streams.dev.stage_budget import LocalStateStore
 from streams.pipeline.control import forget_headers
 from streams.pipeline.processor import BatchProcessor, BatchReport
 from streams.pipeline.source_record import SourceRecord
@@ -26,33 +26,6 @@ from ..harness import assert_matches_replay, expected_last, synthetic
 
 PARTITIONS = 3
 TOPIC = "events"
-
-
-class RocksStateStore:
-    """The processor's state store on one real RocksDB per partition (the worker's layout, minus faust)."""
-
-    def __init__(self, root: Path) -> None:
-        options = rocksdict.Options(raw_mode=True)
-        self.dbs = {p: rocksdict.Rdict(str(root / f"p{p}"), options=options) for p in range(PARTITIONS)}
-
-    def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
-        return list(self.dbs[partition][list(keys)]) if keys else []
-
-    def write_local(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        for key, value in items:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        self.dbs[partition].write(batch)
-
-    async def send_changelog(self, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """No changelog here: the worker's store sends one (tests/integration)."""
-
-    def close(self) -> None:
-        for db in self.dbs.values():
-            db.close()
 
 
 class MemoryPublisher:
@@ -82,7 +55,7 @@ class MemoryPublisher:
 def pipeline(model: ProfileModel, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """The processor with no state cache, one so small that most batches evict, and a roomy one;
     the last steps the model inline instead of in the model thread, as the worker does for small batches."""
-    store, publisher = RocksStateStore(tmp_path), MemoryPublisher()
+    store, publisher = LocalStateStore(tmp_path, PARTITIONS), MemoryPublisher()
     async def events_end(partition: int) -> int:
         """No log here: every offset the tests use lies below its partition's end."""
         return 2**63 - 1
@@ -113,7 +86,7 @@ def run(processor: BatchProcessor, records: Sequence[SourceRecord]) -> BatchRepo
     return asyncio.run(processor.apply(processor.prepare(records)))
 
 
-def flushed(processor: BatchProcessor, store: RocksStateStore) -> RocksStateStore:
+def flushed(processor: BatchProcessor, store: LocalStateStore) -> LocalStateStore:
     """``store`` after the cache's flush (what a commit does first)."""
     asyncio.run(processor.flush())
     return store
