@@ -7,7 +7,8 @@ when processing stalls -- which is exactly when SREs need them.
 Lag of a partition is ``end offset - next offset to process``; lag in seconds
 is how long ago the last record this worker processed on that partition was
 produced, when anything is waiting behind it (0 when caught up).  The
-committed offset trails the processed one by at most the commit interval (1 s).
+committed offset trails the processed one by about the commit interval
+(PROFILESTREAM_COMMIT_INTERVAL_S).
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from models.loaders import load_events
 from models.model import Dims
 from models.synthetic import funnel_events
 
+from ..harness import same_ranking
+
 TOL = 1e-5
 
 
@@ -89,7 +91,9 @@ def assert_matches_replay(model: ProfileModel, events: list[Event], chunk, via_b
         for j, intent, top, profile in rows:
             t_intent, t_top, t_profile = truth[user][j]
             worst = max(worst, float(np.abs(intent - t_intent).max()), float(np.abs(profile - t_profile).max()))
-            assert top == t_top, (user, j)
+            # Step and forward round differently in the last bits (within TOL), which can swap two
+            # neighbours whose scores tie that closely (seen on a real Taobao user).
+            assert same_ranking(top, t_top), (user, j, top, t_top)
     assert worst <= TOL
 
 
