@@ -35,9 +35,9 @@ from models import UserState
 
 __all__ = ["StateBackend", "StateCache", "StoredState"]
 
-#: Entries encoded and written between two yields to the event loop while flushing, so that a
-#: flush of many users holds up a batch behind it by ~2 ms at most (~15 us a user), not by the
-#: whole flush: in the bench, 512 gave p99 80 ms at 25 % load where 128 gave 60.
+#: Entries encoded and written between two yields to the event loop while flushing: a batch
+#: waiting behind a flush waits for one chunk, not the whole flush (docs/performance.md has
+#: the p99 of 512 against 128).
 FLUSH_CHUNK = 128
 
 
