@@ -7,7 +7,7 @@ import logging
 import time
 
 from models.data import group_by_user, select_users
-from models.evaluate import evaluate, format_summary, format_table, summarize
+from models.evaluate import evaluate, fit_intent_temperature, format_summary, format_table, summarize
 from models.inference import ProfileModel, default_checkpoint_path
 from models.loaders import FORMATS, LoadResult, load_events
 from models.model import Dims
@@ -65,8 +65,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             train_users = select_users(everyone, split, "train")
             peer = TreePeer.fit(list(train_users.values()))
             log.info("tree peer fitted on %d training users of split %r", len(train_users), split.get("salt"))
+        temperature = None
+        if args.calibrate:
+            temperature = fit_intent_temperature(model, list(select_users(everyone, split, "val").values()))
+            log.info("intent temperature %.3f fitted on the validation users of split %r", temperature,
+                     split.get("salt"))
         with progress_bar(args, "evaluate", "user") as bar:
-            report = evaluate(model, list(select_users(everyone, split, args.users).values()), peer, bar)
+            report = evaluate(model, list(select_users(everyone, split, args.users).values()), peer, bar,
+                              temperature)
         report.update(model=model.fingerprint, version=model.version, users=args.users, split=split.get("salt"))
         reports.append(report)
     if len(reports) == 1:
@@ -124,6 +130,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="which users of the file (by the checkpoint's split); use test on the training file")
     p.add_argument("--no-tree-peer", action="store_true",
                    help="skip the gradient-boosted tree peer (it needs scikit-learn, the eval extra)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature for the model's intent on the checkpoint's validation users and also "
+                        "score the model with it (model_t); judge it on --users test")
     p.set_defaults(func=_cmd_evaluate)
 
     p = subparsers.add_parser("replay", help="the model's outputs after every event, as JSON lines")

@@ -3,7 +3,12 @@
 A pair is (everything a user did up to event t, event t+1).  Intent is judged
 by one-vs-rest AUC of "next event is a purchase / cart / favorite" over all
 pairs; categories by whether the next event's category is in the top 20
-(recall@20) and how high (MRR@20).
+(recall@20) and how high (MRR@20).  How far the intent probabilities can be
+taken at face value (what a ranker or a threshold consuming them needs) is
+the next type's log loss and the expected calibration error per type; AUC
+ignores both.  Given a temperature fitted on other users
+(:func:`fit_intent_temperature`), the model is also scored with its intent
+scaled by it (``model_t``).
 
 The tree peer (:mod:`models.tree_peer`), when given, is scored on the same
 pairs.  With ~100 test users a split's figures move by a few points, so
@@ -22,16 +27,36 @@ from tqdm import tqdm
 from models.baselines import category_rankings, counts_intent, markov_intent
 from models.events import TYPE_INDEX, Event
 from models.inference import ProfileModel
-from models.metrics import auc, recall_mrr
+from models.metrics import auc, calibration_error, fit_temperature, log_loss, recall_mrr, temperature_scale
 from models.tree_peer import TreePeer
 
 AUC_TYPES = ("purchase", "cart", "favorite")
 K = 20
-METRICS = (*(f"auc_{t}" for t in AUC_TYPES), f"recall@{K}", f"mrr@{K}")
+METRICS = (*(f"auc_{t}" for t in AUC_TYPES), f"recall@{K}", f"mrr@{K}", "logloss", *(f"ece_{t}" for t in AUC_TYPES))
+#: Metrics where lower is better (the worst split is the highest).
+LOWER_IS_BETTER = frozenset({"logloss", *(f"ece_{t}" for t in AUC_TYPES)})
 
 
 def _intent_metrics(intent: np.ndarray, next_types: np.ndarray) -> dict[str, float]:
-    return {f"auc_{t}": auc(intent[:, TYPE_INDEX[t]], next_types == TYPE_INDEX[t]) for t in AUC_TYPES}
+    out = {f"auc_{t}": auc(intent[:, TYPE_INDEX[t]], next_types == TYPE_INDEX[t]) for t in AUC_TYPES}
+    out["logloss"] = log_loss(intent, next_types)
+    out.update({f"ece_{t}": calibration_error(intent[:, TYPE_INDEX[t]], next_types == TYPE_INDEX[t])
+                for t in AUC_TYPES})
+    return out
+
+
+def _model_intent_pairs(model: ProfileModel, sequences: Sequence[Sequence[Event]]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's intent after every event but each user's last, and the type that came next."""
+    sequences = [s for s in sequences if len(s) >= 2]
+    outputs = model.sequence_outputs(sequences)
+    intent = np.concatenate([out.intent[:-1] for out in outputs])
+    return intent, np.array([TYPE_INDEX[e.type] for seq in sequences for e in seq[1:]])
+
+
+def fit_intent_temperature(model: ProfileModel, sequences: Sequence[Sequence[Event]]) -> float:
+    """The temperature that minimises the log loss of the model's next-type probabilities on ``sequences``
+    (use users the figures are not computed on: the checkpoint's validation users)."""
+    return fit_temperature(*_model_intent_pairs(model, sequences))
 
 
 def _category_metrics(ranked: list[list[str]], next_cats: list[str]) -> dict[str, float]:
@@ -40,9 +65,10 @@ def _category_metrics(ranked: list[list[str]], next_cats: list[str]) -> dict[str
 
 
 def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]], peer: TreePeer | None = None,
-             progress: tqdm | None = None) -> dict[str, Any]:
+             progress: tqdm | None = None, temperature: float | None = None) -> dict[str, Any]:
     """Metrics of the model, every baseline and (if given) the tree peer:
-    ``{"n_users", "n_pairs", "results": {name: {metric: value}}}``.
+    ``{"n_users", "n_pairs", "results": {name: {metric: value}}}``; with ``temperature``, also
+    ``model_t`` (the model's intent scaled by it) and ``"temperature"``.
 
     ``progress`` counts the users, once through the model, then once through the baselines.
     """
@@ -77,18 +103,23 @@ def evaluate(model: ProfileModel, sequences: Sequence[Sequence[Event]], peer: Tr
         if progress is not None:
             progress.update()
     types = np.array(next_types)
+    if temperature is not None:
+        intents["model_t"] = [temperature_scale(np.concatenate(intents["model"]), temperature)] if types.size else []
     results: dict[str, dict[str, float]] = {name: {} for name in dict.fromkeys([*intents, *ranked])}
     if len(types):
         for name, rows in intents.items():
             results[name].update(_intent_metrics(np.concatenate(rows), types))
         for name, lists in ranked.items():
             results[name].update(_category_metrics(lists, next_cats))
-    return {"n_users": len(sequences), "n_pairs": len(next_types), "results": results}
+    report = {"n_users": len(sequences), "n_pairs": len(next_types), "results": results}
+    if temperature is not None:
+        report["temperature"] = temperature
+    return report
 
 
 def summarize(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{"mean": {name: {metric}}, "worst": {...}}`` over the splits' reports (every metric: higher is
-    better, so worst = lowest); a predictor or metric missing from a split is left out."""
+    """``{"mean": {name: {metric}}, "worst": {...}}`` over the splits' reports (worst = lowest, or highest
+    for :data:`LOWER_IS_BETTER`); a predictor or metric missing from a split is left out."""
     out: dict[str, dict[str, dict[str, float]]] = {"mean": {}, "worst": {}}
     for name in reports[0]["results"]:
         for m in METRICS:
@@ -96,7 +127,7 @@ def summarize(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
             if any(math.isnan(v) for v in values):
                 continue
             out["mean"].setdefault(name, {})[m] = float(np.mean(values))
-            out["worst"].setdefault(name, {})[m] = float(min(values))
+            out["worst"].setdefault(name, {})[m] = float(max(values) if m in LOWER_IS_BETTER else min(values))
     return out
 
 
@@ -114,12 +145,12 @@ def format_summary(reports: Sequence[dict[str, Any]]) -> str:
 
 
 def _table(title: str, results: dict[str, dict[str, float]]) -> str:
-    header = f"{'predictor':<14}" + "".join(f"{m:>15}" for m in METRICS)
+    header = f"{'predictor':<14}" + "".join(f"{m:>13}" for m in METRICS)
     lines = [title, header, "-" * len(header)]
     for name, values in results.items():
         cells = []
         for m in METRICS:
             v = values.get(m)
-            cells.append(f"{'-' if v is None or math.isnan(v) else f'{v:.4f}':>15}")
+            cells.append(f"{'-' if v is None or math.isnan(v) else f'{v:.4f}':>13}")
         lines.append(f"{name:<14}" + "".join(cells))
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import pytest
 from models import ProfileModel
 from models.cli import add_commands
 from models.data import group_by_user, select_users, split_of
-from models.evaluate import METRICS, evaluate
+from models.evaluate import LOWER_IS_BETTER, METRICS, evaluate, fit_intent_temperature
 from models.events import event_to_dict
 from models.synthetic import funnel_events
 from models.tree_peer import TreePeer, prefix_features
@@ -100,7 +100,8 @@ def test_evaluate_over_several_splits_reports_mean_and_worst(trained, tmp_path, 
     for name in ("model", "tree_peer", "counts", "cat_recency"):
         for metric, mean in printed["mean"][name].items():
             values = [s["results"][name][metric] for s in splits]
-            assert mean == pytest.approx(sum(values) / 2) and printed["worst"][name][metric] == min(values)
+            worst = max(values) if metric in LOWER_IS_BETTER else min(values)
+            assert mean == pytest.approx(sum(values) / 2) and printed["worst"][name][metric] == worst
     assert run_cli("evaluate", "--model", str(ckpt), "--model", str(other), "--data", str(data),
                    "--format", "jsonl", "--users", "test", "--device", "cpu", "--no-tree-peer") == 0
     table = capsys.readouterr().out
@@ -118,3 +119,22 @@ def test_tree_peer_features_see_only_the_prefix() -> None:
     # candidates are the user's own categories so far, at most 30 per prefix
     for row, name in zip(full.cand_rows, full.cand_names):
         assert name in {e.category_id for e in seq[:row + 1]}
+
+
+def test_evaluate_calibrate_scores_the_model_scaled_by_a_temperature_from_validation_users(trained, capsys) -> None:
+    events, data, ckpt = trained
+    model = ProfileModel.load(ckpt, device="cpu")
+    everyone = group_by_user(events)
+    test_users = list(select_users(everyone, model.config.split, "test").values())
+    same = evaluate(model, test_users, temperature=1.0)["results"]
+    assert same["model_t"] == pytest.approx({m: same["model"][m] for m in same["model_t"]})
+    assert set(same["model"]) >= {"logloss", "ece_cart"} and set(same["counts"]) >= {"logloss", "ece_cart"}
+
+    assert run_cli("evaluate", "--model", str(ckpt), "--data", str(data), "--format", "jsonl", "--users", "test",
+                   "--calibrate", "--no-tree-peer", "--json", "--device", "cpu") == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = fit_intent_temperature(model, list(select_users(everyone, model.config.split, "val").values()))
+    assert printed["temperature"] == pytest.approx(expected) and expected != pytest.approx(1.0)
+    scaled = printed["results"]["model_t"]
+    assert scaled == pytest.approx(evaluate(model, test_users, temperature=expected)["results"]["model_t"])
+    assert scaled["logloss"] != pytest.approx(printed["results"]["model"]["logloss"])
