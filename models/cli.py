@@ -39,8 +39,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     dims = Dims(hidden=args.hidden, profile_dim=args.profile_dim, cat_buckets=args.cat_buckets,
-                item_buckets=args.item_buckets, cat_capacity=args.cat_memory, dropout=args.dropout,
-                recent_events=args.recent_events, time_gate=args.time_gate)
+                item_buckets=args.item_buckets, cat_capacity=args.cat_memory, dropout=args.dropout)
     options = TrainOptions(dims=dims, epochs=args.epochs, batch_users=args.batch_users, lr=args.lr,
                            patience=args.patience, intent_weight=args.intent_weight, weight_decay=args.weight_decay, seed=args.seed, val_frac=args.val_frac,
                            test_frac=args.test_frac, salt=args.salt, max_vocab=args.max_vocab, device=args.device)
@@ -115,10 +114,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cat-buckets", type=int, default=defaults.cat_buckets, help="rows per category hash table")
     p.add_argument("--item-buckets", type=int, default=defaults.item_buckets, help="item hash buckets (0 = no item embedding)")
     p.add_argument("--cat-memory", type=int, default=defaults.cat_capacity, help="recent categories remembered per user")
-    p.add_argument("--recent-events", type=int, default=defaults.recent_events,
-                   help="K of an attention readout over the user's last K events (0 = none)")
-    p.add_argument("--time-gate", action="store_true",
-                   help="scale the LSTM state by a learned gate of the time since the user's previous event")
     p.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout rate")
     p.add_argument("--weight-decay", type=float, default=TrainOptions.weight_decay, help="L2 weight decay")
     p.add_argument("--max-vocab", type=int, default=TrainOptions.max_vocab, help="most global candidate categories")

@@ -30,10 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, N_TYPES, WIDE_FEATURES, padded_index
+from models.features import CANDIDATE_FEATURES, DENSE_FEATURES, N_TYPES, WIDE_FEATURES
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [1, B, hidden]
-_LOG_GAP = DENSE_FEATURES.index("log_gap")
 
 
 @dataclass(frozen=True)
@@ -50,9 +49,6 @@ class Dims:
     price_buckets: int = 16
     cat_capacity: int = 32
     dropout: float = 0.2
-    recent_events: int = 0         # K of the attention readout over the last K events (0 = none)
-    recent_dim: int = 32           # size of an event's entry in that buffer
-    time_gate: bool = False        # scale (h, c) by a learned per-unit gate of the log gap before each event
 
 
 class ProfileLSTM(nn.Module):
@@ -70,27 +66,17 @@ class ProfileLSTM(nn.Module):
         n_in = (dims.type_dim + dims.profile_dim + (dims.item_dim if dims.item_buckets else 0)
                 + dims.price_dim + len(DENSE_FEATURES))
         self.lstm = nn.LSTM(n_in, dims.hidden)
-        if dims.time_gate:
-            # sigmoid(w * log_gap + b) per unit of h and of c; starts at 0.88 (b = 2), where its gradient is alive
-            self.gate_w = nn.Parameter(torch.zeros(2 * dims.hidden))
-            self.gate_b = nn.Parameter(torch.full((2 * dims.hidden,), 2.0))
-        width = dims.hidden
-        if dims.recent_events:
-            self.recent_proj = nn.Linear(n_in, dims.recent_dim)
-            self.recent_age = nn.Parameter(torch.zeros(dims.recent_events, dims.recent_dim))
-            self.recent_query = nn.Linear(dims.hidden, dims.recent_dim)
-            width += dims.recent_dim
         self.h0 = nn.Parameter(torch.zeros(dims.hidden))
         self.c0 = nn.Parameter(torch.zeros(dims.hidden))
         self.drop = nn.Dropout(dims.dropout)
-        self.intent_head = nn.Linear(width, N_TYPES)
+        self.intent_head = nn.Linear(dims.hidden, N_TYPES)
         self.wide_head = nn.Linear(len(WIDE_FEATURES), N_TYPES, bias=False)
         nn.init.zeros_(self.wide_head.weight)
-        self.profile_head = nn.Linear(width, dims.profile_dim)
+        self.profile_head = nn.Linear(dims.hidden, dims.profile_dim)
         self.logit_scale = nn.Parameter(torch.tensor(10.0))
         self.vocab_bias = nn.Parameter(torch.zeros(len(vocab_buckets)))
         self.rank_emb = nn.Embedding(dims.cat_capacity, 8)
-        self.cand_ctx = nn.Linear(width, 16)
+        self.cand_ctx = nn.Linear(dims.hidden, 16)
         self.cand_mlp = nn.Sequential(nn.Linear(len(CANDIDATE_FEATURES) + 8 + 16, 32), nn.ReLU(), nn.Linear(32, 1))
         self.register_buffer("vocab_buckets", vocab_buckets.reshape(-1, 2), persistent=False)
         nn.init.normal_(self.cat_a.weight, std=0.1)
@@ -126,57 +112,10 @@ class ProfileLSTM(nn.Module):
         """
         if state is None:
             state = self.initial_state(ints.shape[1])
-        x = self.embed(ints, dense)
-        if self.dims.time_gate:
-            out, new_state = self._gated(x, dense[..., _LOG_GAP], state)
-        else:
-            out, new_state = self.lstm(x, state)
-        if self.dims.recent_events:
-            out = torch.cat([out, self._readout(out, self.recent_proj(x))], dim=-1)
-        return out, new_state
-
-    def _check_steppable(self) -> None:
-        """The readout's buffer of recent events is not kept in the user's state (a screening experiment:
-        training and replay only), so a step would see only the current event."""
-        if self.dims.recent_events:
-            raise NotImplementedError("recent_events > 0 is forward-only (no buffer in the state)")
-
-    def _gated(self, x: torch.Tensor, log_gap: torch.Tensor, state: State,
-               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
-        """The LSTM one event at a time, (h, c) scaled by the gap's gate before each event.
-
-        nn.LSTM's fused call cannot touch the state between steps, hence the loop.
-        With ``lengths`` [B], user b's state stops changing after its own last event.
-        """
-        h, c = state
-        outs = []
-        for t in range(x.shape[0]):
-            gate_h, gate_c = torch.sigmoid(log_gap[t].unsqueeze(-1) * self.gate_w + self.gate_b).chunk(2, dim=-1)
-            out, (h_t, c_t) = self.lstm(x[t:t + 1], (h * gate_h, c * gate_c))
-            if lengths is not None:
-                live = (t < lengths).view(1, -1, 1)
-                h_t, c_t = torch.where(live, h_t, h), torch.where(live, c_t, c)
-            h, c = h_t, c_t
-            outs.append(out)
-        return torch.cat(outs), (h, c)
-
-    def _readout(self, out: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
-        """Attention of each step's h over the buffer of the last K events' entries [T, B, R] -> [T, B, R]."""
-        k = self.dims.recent_events
-        t_len = entries.shape[0]
-        padded = torch.cat([entries.new_zeros((k - 1, *entries.shape[1:])), entries], dim=0)
-        window = padded.unfold(0, k, 1).permute(0, 1, 3, 2).flip(2)            # [T, B, K, R], age 0 first
-        ages = torch.arange(k, device=entries.device)
-        valid = (torch.arange(t_len, device=entries.device)[:, None] >= ages)   # [T, K]
-        keys = window + self.recent_age
-        query = self.recent_query(out)
-        scores = (keys @ query.unsqueeze(-1)).squeeze(-1) / self.dims.recent_dim ** 0.5
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        return (torch.softmax(scores, dim=-1).unsqueeze(-1) * window).sum(dim=2)
+        return self.lstm(self.embed(ints, dense), state)
 
     def step(self, state: State, ints: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, State]:
         """Advance B users by exactly one event: [B, 5] ints, [B, F] dense -> h [B, hidden], new state."""
-        self._check_steppable()
         out, new_state = self.forward(ints.unsqueeze(0), dense.unsqueeze(0), state)
         return out[0], new_state
 
@@ -187,17 +126,8 @@ class ProfileLSTM(nn.Module):
 
         Returns h after each user's last event [B, hidden] and the matching (h, c).
         """
-        self._check_steppable()
         if ints.shape[0] == lengths.shape[0]:
             return self.step(state, ints, dense)
-        if self.dims.time_gate:
-            t_idx, b_idx = (torch.from_numpy(a).to(ints.device) for a in padded_index(lengths.cpu().numpy()))
-            shape = (int(lengths.max()), lengths.shape[0])
-            ints_p = ints.new_zeros(shape + ints.shape[1:]).index_put_((t_idx, b_idx), ints)
-            dense_p = dense.new_zeros(shape + dense.shape[1:]).index_put_((t_idx, b_idx), dense)
-            _, (h, c) = self._gated(self.embed(ints_p, dense_p), dense_p[..., _LOG_GAP], state,
-                                    lengths.to(ints.device))
-            return h[0], (h, c)
         _, (h, c) = self.lstm(self._pack(ints, dense, lengths), state)
         return h[0], (h, c)
 

@@ -26,11 +26,10 @@ from ..harness import same_ranking
 TOL = 1e-5
 
 
-def make_model(tmp_path: pathlib.Path, events: list[Event], seed: int = 0, time_gate: bool = False) -> ProfileModel:
+def make_model(tmp_path: pathlib.Path, events: list[Event], seed: int = 0) -> ProfileModel:
     """An untrained but fully wired model; small memories so eviction is exercised."""
     users = group_by_user(events)
-    config = ModelConfig(dims=Dims(hidden=24, profile_dim=8, cat_buckets=64, item_buckets=32, cat_capacity=6,
-                                   time_gate=time_gate),
+    config = ModelConfig(dims=Dims(hidden=24, profile_dim=8, cat_buckets=64, item_buckets=32, cat_capacity=6),
                          item_capacity=4, top_k=5, vocab=sorted({e.category_id for e in events})[:10],
                          baselines=fit_type_baselines(list(users.values())), version="test")
     torch.manual_seed(seed)
@@ -38,9 +37,6 @@ def make_model(tmp_path: pathlib.Path, events: list[Event], seed: int = 0, time_
     net = build_network(config)
     with torch.no_grad():
         net.wide_head.weight.normal_()  # trained nets use the wide path; zero-initialised it would test nothing
-        if time_gate:  # gates far from their start, and different per unit and per gap
-            net.gate_w.normal_(0.0, 5.0)
-            net.gate_b.normal_(0.0, 1.0)
     save_checkpoint(path, config, net.state_dict())
     return ProfileModel.load(path, "cpu")
 
@@ -127,16 +123,6 @@ def test_network_step_equals_forward(tiny, events) -> None:
                                          torch.from_numpy(batch.dense), lengths)
     expected = full[lengths - 1, torch.arange(len(users))]
     assert torch.allclose(last, expected, atol=TOL) and torch.allclose(h_n[0], expected, atol=TOL)
-
-
-def test_time_gated_step_equals_forward(tmp_path, events) -> None:
-    """The time gate runs the LSTM one event at a time; step, step_many and the state bytes must still
-    reproduce the whole-sequence forward."""
-    gated = make_model(tmp_path, events, time_gate=True)
-    test_network_step_equals_forward(gated, events)
-    assert_matches_replay(gated, events, chunk=lambda: 1)
-    rng = random.Random(2)
-    assert_matches_replay(gated, events, chunk=lambda: rng.randint(1, 7), via_bytes=False)
 
 
 def test_top_categories_is_the_topk_of_the_training_scores(tiny, events) -> None:
