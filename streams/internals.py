@@ -68,6 +68,8 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("aiokafka.AIOKafkaConsumer", "_subscription", per_instance=True),
     PrivateName("aiokafka.AIOKafkaConsumer", "_fetcher", per_instance=True),
     PrivateName("aiokafka.consumer.fetcher.Fetcher", "_records", per_instance=True),
+    # Embedded broker: the fetch wait of a running client, raised when a stall shows it too short.
+    PrivateName("aiokafka.consumer.fetcher.Fetcher", "_fetch_max_wait_ms", per_instance=True),
     # Monitor: when a partition's stream last took a record; faust's stall check reads it.
     PrivateName("faust.sensors.monitor.Monitor", "stream_inbound_time", per_instance=True),
     # Producer: the aiokafka client inside faust's, for record batches.
@@ -225,6 +227,17 @@ def client_fetch_state(client: aiokafka.AIOKafkaConsumer, tp: TP) -> dict[str, A
     return {"assigned": True, "position": state.position if state.has_valid_position else None,
             "paused": state.paused, "highwater": state.highwater,
             "buffered": None if buffered is None else type(buffered).__name__}
+
+
+def raise_fetch_wait(client: aiokafka.AIOKafkaConsumer, ceiling_ms: int) -> tuple[int, int] | None:
+    """Double the running client's fetch wait, up to ``ceiling_ms``: (old, new), or None at the
+    ceiling (call it in the consumer's thread).  aiokafka reads it for every fetch request."""
+    fetcher = client._fetcher
+    old = fetcher._fetch_max_wait_ms
+    if old >= ceiling_ms:
+        return None
+    fetcher._fetch_max_wait_ms = min(ceiling_ms, max(1, old) * 2)
+    return old, fetcher._fetch_max_wait_ms
 
 
 def stop_requested(service: ServiceT) -> Callable[[], bool]:

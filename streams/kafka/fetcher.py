@@ -69,7 +69,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from mode import ServiceT
 
-from ..internals import ConsumerHooks, FetchWaitConsumer, FetchWaitConsumerThread, client_fetch_state, stop_requested
+from ..internals import (ConsumerHooks, FetchWaitConsumer, FetchWaitConsumerThread, client_fetch_state,
+                         raise_fetch_wait, stop_requested)
 from ..pipeline.source_record import SourceRecord
 from ..pipeline.stages import StageClock
 from .delivery import DeliveryGuard
@@ -112,6 +113,9 @@ class BatchingConsumer(ConsumerHooks):
     clock: StageClock | None = None
     #: Set by :func:`install`: the fetch-stall watchdog's clocks (streams/kafka/stall.py).
     stall_watch: FetchStallWatch[TP] | None = None
+    #: Embedded broker only: the longest fetch wait a fetch stall may raise the client's to (see
+    #: :meth:`check_fetch_stalls`); None leaves the wait alone.
+    fetch_wait_ceiling_ms: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -225,12 +229,21 @@ class BatchingConsumer(ConsumerHooks):
         never undone otherwise), then seeks it to the next offset to process as
         the rewind path does, which drops the client's fetch position and
         buffered records for it.
+
+        On the embedded broker (``fetch_wait_ceiling_ms`` set) a re-seek also
+        doubles the client's fetch wait, up to the ceiling: Tansu answers a
+        fetch that takes longer than its wait with no records, and its fetches
+        take longer as a partition grows (docs/embedded-broker.md), so the
+        short wait the worker starts with (for latency) eventually stalls it.
+        A partition re-seeked with a longer wait starts its escalation afresh:
+        only a stall at the ceiling marks the worker unhealthy.
         """
         watch = self.stall_watch
         if watch is None or not watch.limit_s or not self.flow_active or self.app.rebalancing \
                 or self.app.tables.recovery.in_recovery:
             return []
         reports = []
+        raised: tuple[int, int] | None = None
         for tp in [tp for tp in self.assignment() if tp.topic in self.batch_topics]:
             if self.is_paused(tp) or self.is_buffered(tp):
                 continue
@@ -249,6 +262,14 @@ class BatchingConsumer(ConsumerHooks):
                       "of fetching")
             if verdict == RESEEK:
                 log.warning("fetch stall on %s; re-seeking the partition to %d", detail, expected)
+                ceiling = self.fetch_wait_ceiling_ms
+                if ceiling is not None and raised is None:
+                    raised = await self.in_client(lambda c: raise_fetch_wait(c, ceiling))
+                    if raised is not None:
+                        log.warning("embedded broker: fetch wait raised from %d to %d ms (it answers a fetch "
+                                    "slower than that with no records; docs/embedded-broker.md)", *raised)
+                if raised is not None:
+                    watch.progressed([tp])  # a longer wait: its escalation starts afresh
                 try:
                     await self._reseek(tp, expected, bool(client.get("paused")))
                 except Exception as exc:  # noqa: BLE001 - e.g. revoked meanwhile; the next check decides again
@@ -437,12 +458,13 @@ def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_
 def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int,
             overlap_min_events: int, delivery_guard: DeliveryGuard, before_commit: Callable[[], Awaitable[bool]],
             clock: StageClock, stall_watch: FetchStallWatch[TP],
-            end_offset_probe: EndOffsetProbe | None = None) -> None:
+            end_offset_probe: EndOffsetProbe | None = None, fetch_wait_ceiling_ms: int | None = None) -> None:
     """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
     _use_consumer(app, BatchingConsumer, fetch_max_wait_ms, batch_topics=frozenset(topics),
                   batch_handler=staticmethod(handler), overlap_min_events=overlap_min_events,
                   delivery_guard=delivery_guard, end_offset_probe=end_offset_probe,
-                  before_commit=staticmethod(before_commit), clock=clock, stall_watch=stall_watch)
+                  before_commit=staticmethod(before_commit), clock=clock, stall_watch=stall_watch,
+                  fetch_wait_ceiling_ms=fetch_wait_ceiling_ms)
 
 
 def install_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:

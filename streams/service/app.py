@@ -129,6 +129,9 @@ def faust_config(settings: Settings) -> dict[str, object]:
 
 #: The embedded broker holds a fetch for part of its max wait even when records are
 #: there (see streams.internals.FetchWaitConsumerThread), so a short wait is its latency.
+#: It answers a fetch slower than the wait with no records, and its fetches slow down as a
+#: partition grows: the fetch-stall watchdog raises the wait, up to PROFILESTREAM_FETCH_MAX_WAIT_MS,
+#: when that stalls a partition (docs/embedded-broker.md).
 EMBEDDED_FETCH_MAX_WAIT_MS = 10
 
 
@@ -212,7 +215,8 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
     probe = EndOffsetProbe(aiokafka_options(settings)) if settings.embedded_broker else None
     install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings),
                            settings.overlap_min_events, guard, before_commit, processor.clock,
-                           FetchStallWatch(settings.fetch_stall_s), probe)
+                           FetchStallWatch(settings.fetch_stall_s), probe,
+                           settings.fetch_max_wait_ms if settings.embedded_broker else None)
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
     register_views(app, metrics, health.failure)

@@ -8,6 +8,7 @@ through, not just that it passed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from models import ProfileModel
 from models.events import Event
@@ -276,3 +278,57 @@ def test_a_stall_a_reseek_cannot_end_fails_liveness_and_a_restart_reads_on(
         finish(deployment, model, events, "stall a re-seek could not end, restart", [worker])
     finally:
         worker.stop()
+
+
+def test_a_partition_too_big_for_the_embedded_fetch_wait_raises_it(
+        broker: EmbeddedBroker, tmp_path: Path, model: ProfileModel) -> None:
+    """Tansu answers a fetch that takes longer than its max wait with no records, and its fetches
+    slow down as a partition's record batches add up (docs/embedded-broker.md; the soak's stall):
+    at 600,000 records in batches of ~10, as a steady trickle of events makes them, a fetch takes
+    ~40 ms, so the worker's 10 ms wait gets nothing, ever.  The watchdog re-seeks and doubles the
+    wait until records come, and the events are processed."""
+    deployment = Deployment(broker.bootstrap_servers, tmp_path, partitions=1)
+    deployment.create_topics()
+    topic, filler = deployment.settings.events_topic, 600_000
+    fill_in_small_batches(deployment.bootstrap, topic, filler)
+    commit_group_offset(deployment, {0: filler})  # the worker starts past the filler, at the end
+    events = synthetic(300, users=40, seed=29)
+    worker = deployment.worker(**STALL_WATCH).start()
+    try:
+        deployment.produce(events)
+        finish(deployment, model, events, "partition too big for a 10 ms fetch wait", [worker])
+        raised = worker.log_tail(10, matching="fetch wait raised")
+        assert "fetch wait raised from 10 to 20 ms" in raised, worker.log_tail(40, matching="WARNING|ERROR")
+        body = worker.http("/metrics")[1].decode()
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="reseek") >= 1
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="unhealthy") == 0
+    finally:
+        worker.stop()
+
+
+def fill_in_small_batches(bootstrap: str, topic: str, n: int) -> None:
+    """``n`` records of the demo's event size in batches of ~10 (2 KB), as the demo's traffic makes them."""
+    async def go() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=2048)
+        await producer.start()
+        try:
+            await asyncio.gather(*[await producer.send(topic, b"x" * 170) for _ in range(n)])
+        finally:
+            await producer.stop()
+    asyncio.run(go())
+
+
+def commit_group_offset(deployment: Deployment, offsets: dict[int, int]) -> None:
+    """Commit ``offsets`` (partition -> offset) of the events topic for the deployment's consumer group."""
+    async def go() -> None:
+        topic = deployment.settings.events_topic
+        consumer = AIOKafkaConsumer(bootstrap_servers=deployment.bootstrap, group_id=deployment.settings.app_id,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = {TopicPartition(topic, p): offset for p, offset in offsets.items()}
+            consumer.assign(list(tps))
+            await consumer.commit(tps)
+        finally:
+            await consumer.stop()
+    asyncio.run(go())
