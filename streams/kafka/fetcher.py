@@ -75,7 +75,7 @@ from ..pipeline.source_record import SourceRecord
 from ..pipeline.stages import StageClock
 from .delivery import DeliveryGuard
 from .end_offsets import EndOffsetProbe
-from .stall import RESEEK, FetchStallWatch, Verdict
+from .stall import RESEEK, UNHEALTHY, FetchStallWatch, Verdict, fetched_through
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ class BatchingConsumer(ConsumerHooks):
         self._next_offset: dict[TP, int] = {}
         #: Partition -> offset it was last rewound to (tells a real gap from a skip).
         self._rewound_to: dict[TP, int] = {}
+        #: Partition -> end offset the client fetched through after a re-seek without a record
+        #: (the fetch-stall watchdog counts the partition caught up to it; see check_fetch_stalls).
+        self._no_records_to: dict[TP, int] = {}
 
     async def fetch_partitions(self, active_partitions: Optional[Set[TP]], timeout: float) -> Any:
         # faust passes its live set of active partitions, which pause/resume
@@ -167,6 +170,7 @@ class BatchingConsumer(ConsumerHooks):
         for tp in revoked:
             self._next_offset.pop(tp, None)
             self._rewound_to.pop(tp, None)
+            self._no_records_to.pop(tp, None)
         if self.stall_watch is not None:
             self.stall_watch.forget(revoked)
         await super().on_partitions_revoked(revoked)
@@ -175,6 +179,7 @@ class BatchingConsumer(ConsumerHooks):
         # Nothing is processed in the new generation before perform_seek().
         self._next_offset.clear()
         self._rewound_to.clear()
+        self._no_records_to.clear()
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def perform_seek(self) -> None:
@@ -237,6 +242,11 @@ class BatchingConsumer(ConsumerHooks):
         short wait the worker starts with (for latency) eventually stalls it.
         A partition re-seeked with a longer wait starts its escalation afresh:
         only a stall at the ceiling marks the worker unhealthy.
+
+        A stall that outlives its re-seek while the client has fetched through
+        to the end (:func:`~streams.kafka.stall.fetched_through`) is offsets
+        without records, e.g. a transaction marker at the end of the
+        partition: the partition counts as caught up to that end instead.
         """
         watch = self.stall_watch
         if watch is None or not watch.limit_s or not self.flow_active or self.app.rebalancing \
@@ -250,13 +260,21 @@ class BatchingConsumer(ConsumerHooks):
             expected = self._next_offset.get(tp)
             end = max(ends.get(tp) or 0, self.highwater(tp) or 0)
             stalled_s = watch.stalled_s(tp)
-            verdict = watch.check(tp, expected, end)
+            caught_up_to = expected if expected is None else max(expected, self._no_records_to.get(tp, expected))
+            verdict = watch.check(tp, caught_up_to, end)
             if verdict is None or expected is None:
                 continue
             try:
                 client = await self.in_client(lambda c, tp=tp: client_fetch_state(c, tp))
             except Exception as exc:  # noqa: BLE001 - the diagnosis must not stop the watchdog
                 client = {"unreadable": repr(exc)}
+            if verdict == UNHEALTHY and fetched_through(client, end):
+                log.warning("%s: after a re-seek the client fetched offsets %d-%d and found no record in "
+                            "them (transaction markers or aborted records): not a stall, the partition is "
+                            "caught up (client %s)", tp, expected, end - 1, client)
+                self._no_records_to[tp] = end
+                watch.progressed([tp])
+                continue
             detail = (f"{tp.topic}[{tp.partition}]: next offset {expected}, end offset {end}, committed "
                       f"{self.committed_offsets.get(tp)}, client {client}, no record for {stalled_s:.0f} s "
                       "of fetching")

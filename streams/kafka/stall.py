@@ -21,7 +21,7 @@ offset is a second the client did not deliver them.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -33,6 +33,21 @@ RESEEK: Verdict = "reseek"
 UNHEALTHY: Verdict = "unhealthy"
 #: Every verdict, for the metric's label values.
 VERDICTS: tuple[Verdict, ...] = (RESEEK, UNHEALTHY)
+
+
+def fetched_through(client: Mapping[str, object], end_offset: int) -> bool:
+    """Whether the client, by its fetch state (``client_fetch_state``), has fetched ``tp`` up to
+    ``end_offset`` with nothing left to hand over: its position is at the end, it is not paused
+    and holds nothing buffered.
+
+    Asked after a re-seek did not end a stall: the client then read from the next offset to
+    process through to the end and found no record, so those offsets hold none (transaction
+    markers, aborted records) -- Apache Kafka counts them in the end offset, and the last records
+    of a partition written by a transactional producer are such a marker.  Not a stall.
+    """
+    position = client.get("position")
+    return (isinstance(position, int) and position >= end_offset and client.get("paused") is False
+            and client.get("buffered") is None)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.kafka.stall import RESEEK, UNHEALTHY, FetchStallWatch
+from streams.kafka.stall import RESEEK, UNHEALTHY, FetchStallWatch, fetched_through
 
 TP = ("events", 0)
 OTHER = ("events", 1)
@@ -91,3 +91,16 @@ def test_a_revoked_partition_is_forgotten() -> None:
     watch.forget([TP])
     assert watch.stalled_s(TP) == 0.0
     assert watch.check(TP, 100, 150) is None  # reassigned later: its clock starts afresh
+
+
+def test_a_client_at_the_end_with_nothing_held_has_fetched_through() -> None:
+    """After a re-seek, a client at the end offset with nothing paused or buffered found no
+    records in the offsets it passed (transaction markers): not a stall.  Anything else is one."""
+    at_end = {"assigned": True, "position": 151, "paused": False, "highwater": 151, "buffered": None}
+    assert fetched_through(at_end, 151)
+    assert not fetched_through({**at_end, "position": 100}, 151)  # the soak: stuck at the next offset
+    assert not fetched_through({**at_end, "paused": True}, 151)  # paused behind faust's back
+    assert not fetched_through({**at_end, "buffered": "FetchResult"}, 151)  # records not handed over
+    assert not fetched_through({**at_end, "position": None}, 151)  # awaiting an offset reset
+    assert not fetched_through({"assigned": False}, 151)
+    assert not fetched_through({"unreadable": "TimeoutError()"}, 151)
