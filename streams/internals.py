@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Set, TypeVar
 
 import aiokafka
 import faust
@@ -22,6 +22,8 @@ from faust.types.tuples import ack_lock
 from mode import ServiceT
 from mode.utils.futures import notify
 from prometheus_client import Histogram
+
+T = TypeVar("T")
 
 #: The versions every name below was checked against (pyproject.toml pins them).
 PINNED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1",
@@ -58,6 +60,16 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_unacked_messages", per_instance=True),
     PrivateName("faust.transport.drivers.aiokafka.Consumer", "_waiting_for_ack", per_instance=True),
     PrivateName("mode.Service", "_stopped", per_instance=True),
+    # Fetch-stall watchdog (streams/kafka/stall.py): faust's paused partitions, and the aiokafka
+    # consumer in faust's consumer thread -- its fetch position and buffered records for the
+    # warning, and a pause behind faust's back to undo.
+    PrivateName("faust.transport.drivers.aiokafka.Consumer", "_paused_partitions", per_instance=True),
+    PrivateName("faust.transport.drivers.aiokafka.AIOKafkaConsumerThread", "_ensure_consumer"),
+    PrivateName("aiokafka.AIOKafkaConsumer", "_subscription", per_instance=True),
+    PrivateName("aiokafka.AIOKafkaConsumer", "_fetcher", per_instance=True),
+    PrivateName("aiokafka.consumer.fetcher.Fetcher", "_records", per_instance=True),
+    # Embedded broker: the fetch wait of a running client, raised when a stall shows it too short.
+    PrivateName("aiokafka.consumer.fetcher.Fetcher", "_fetch_max_wait_ms", per_instance=True),
     # Monitor: when a partition's stream last took a record; faust's stall check reads it.
     PrivateName("faust.sensors.monitor.Monitor", "stream_inbound_time", per_instance=True),
     # Producer: the aiokafka client inside faust's, for record batches.
@@ -96,7 +108,9 @@ class FetchWaitConsumer(faust_aiokafka.Consumer):
     thread_class: type[FetchWaitConsumerThread] = FetchWaitConsumerThread
 
     def _new_consumer_thread(self) -> FetchWaitConsumerThread:
-        return self.thread_class(self, loop=self.loop, beacon=self.beacon)
+        #: The thread that owns the aiokafka consumer (faust keeps it as a private attribute).
+        self.client_thread = self.thread_class(self, loop=self.loop, beacon=self.beacon)
+        return self.client_thread
 
 
 class ConsumerHooks(FetchWaitConsumer):
@@ -131,6 +145,19 @@ class ConsumerHooks(FetchWaitConsumer):
     async def wait_next_records(self, timeout: float) -> tuple[Any, Optional[Set[TP]]]:
         """The client's next records and the partitions active when they were fetched."""
         return await self._wait_next_records(timeout)
+
+    def is_paused(self, tp: TP) -> bool:
+        """Whether faust has paused ``tp`` (recovery, flow control): it is then not fetched on purpose."""
+        return tp in self._paused_partitions
+
+    async def in_client(self, fun: Callable[[aiokafka.AIOKafkaConsumer], T]) -> T:
+        """``fun(client)`` run in faust's consumer thread, which owns the aiokafka consumer (its
+        event loop; pausing or resuming from another thread would touch futures of that loop)."""
+        thread = self.client_thread
+
+        async def call() -> T:
+            return fun(thread._ensure_consumer())
+        return await thread.call_thread(call)
 
     def is_buffered(self, tp: TP) -> bool:
         """Whether faust still buffers records of ``tp`` (delivered even while it is paused)."""
@@ -185,6 +212,32 @@ class ConsumerHooks(FetchWaitConsumer):
                 self._acked[tp].extend(new)
             self._unacked_messages.discard(pending)
             notify(self._waiting_for_ack)
+
+
+def client_fetch_state(client: aiokafka.AIOKafkaConsumer, tp: TP) -> dict[str, Any]:
+    """What the aiokafka consumer knows of ``tp``'s fetching, for a diagnosis (call it in the
+    consumer's thread, :meth:`ConsumerHooks.in_client`): its fetch position (None: awaiting a
+    reset), whether it is paused in the client, the highwater of its last fetch response, and
+    whether fetched records (or an error) wait in the client's buffer."""
+    subscriptions = client._subscription
+    if not subscriptions.is_assigned(tp):
+        return {"assigned": False}
+    state = subscriptions.subscription.assignment.state_value(tp)
+    buffered = client._fetcher._records.get(tp) if client._fetcher is not None else None
+    return {"assigned": True, "position": state.position if state.has_valid_position else None,
+            "paused": state.paused, "highwater": state.highwater,
+            "buffered": None if buffered is None else type(buffered).__name__}
+
+
+def raise_fetch_wait(client: aiokafka.AIOKafkaConsumer, ceiling_ms: int) -> tuple[int, int] | None:
+    """Double the running client's fetch wait, up to ``ceiling_ms``: (old, new), or None at the
+    ceiling (call it in the consumer's thread).  aiokafka reads it for every fetch request."""
+    fetcher = client._fetcher
+    old = fetcher._fetch_max_wait_ms
+    if old >= ceiling_ms:
+        return None
+    fetcher._fetch_max_wait_ms = min(ceiling_ms, max(1, old) * 2)
+    return old, fetcher._fetch_max_wait_ms
 
 
 def stop_requested(service: ServiceT) -> Callable[[], bool]:

@@ -87,6 +87,11 @@ class Settings:
         "PROFILESTREAM_FETCH_MAX_WAIT_MS", 500,
         "Longest a fetch waits for records (Kafka answers as soon as there are any, so this "
         "only bounds idle polls). Capped at 10 with the embedded broker, which holds fetches.")
+    fetch_stall_s: float = _env_field(
+        "PROFILESTREAM_FETCH_STALL_S", 30.0,
+        "Fetch-stall watchdog: seconds of fetching without a record of an events partition whose end "
+        "lies beyond the next offset to process, after which the partition is re-seeked; after as many "
+        "again, /healthz fails so that the worker is restarted (docs/reliability.md). 0 = off.")
     device: str = _env_field(
         "PROFILESTREAM_DEVICE", "auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     torch_threads: int = _env_field(
@@ -196,6 +201,8 @@ class Settings:
             problems.append("PROFILESTREAM_TORCH_THREADS must be >= 0 (0 = torch's default)")
         if self.state_cache_users < 0:
             problems.append("PROFILESTREAM_STATE_CACHE_USERS must be >= 0 (0 = write every batch through)")
+        if self.fetch_stall_s < 0:
+            problems.append("PROFILESTREAM_FETCH_STALL_S must be >= 0 (0 = off)")
         if self.commit_interval_s <= 0:
             problems.append("PROFILESTREAM_COMMIT_INTERVAL_S must be > 0")
         if self.producer_batch_bytes < 16384:

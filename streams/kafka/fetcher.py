@@ -60,24 +60,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set
 
 import faust
+from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from mode import ServiceT
 
-from ..internals import ConsumerHooks, FetchWaitConsumer, FetchWaitConsumerThread, stop_requested
+from ..internals import (ConsumerHooks, FetchWaitConsumer, FetchWaitConsumerThread, client_fetch_state,
+                         raise_fetch_wait, stop_requested)
 from ..pipeline.source_record import SourceRecord
 from ..pipeline.stages import StageClock
 from .delivery import DeliveryGuard
 from .end_offsets import EndOffsetProbe
+from .stall import RESEEK, UNHEALTHY, FetchStallWatch, Verdict, fetched_through
 
 log = logging.getLogger(__name__)
 
 #: Called with a batch; what it does before returning may run while the previous batch
 #: is still being finished; the awaitable it returns finishes this one.
 BatchHandler = Callable[[Sequence[SourceRecord]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StallReport:
+    """One verdict of the fetch-stall watchdog, acted on (:meth:`BatchingConsumer.check_fetch_stalls`)."""
+
+    tp: TP
+    verdict: Verdict
+    #: The facts logged with it: partition, offsets, the client's fetch state, seconds stalled.
+    detail: str
 
 
 class BatchingConsumer(ConsumerHooks):
@@ -97,6 +111,11 @@ class BatchingConsumer(ConsumerHooks):
     before_commit: Callable[[], Awaitable[bool]] | None = None
     #: Set by :func:`install`: where the hand-off from fetch to handler is timed.
     clock: StageClock | None = None
+    #: Set by :func:`install`: the fetch-stall watchdog's clocks (streams/kafka/stall.py).
+    stall_watch: FetchStallWatch[TP] | None = None
+    #: Embedded broker only: the longest fetch wait a fetch stall may raise the client's to (see
+    #: :meth:`check_fetch_stalls`); None leaves the wait alone.
+    fetch_wait_ceiling_ms: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,6 +124,9 @@ class BatchingConsumer(ConsumerHooks):
         self._next_offset: dict[TP, int] = {}
         #: Partition -> offset it was last rewound to (tells a real gap from a skip).
         self._rewound_to: dict[TP, int] = {}
+        #: Partition -> end offset the client fetched through after a re-seek without a record
+        #: (the fetch-stall watchdog counts the partition caught up to it; see check_fetch_stalls).
+        self._no_records_to: dict[TP, int] = {}
 
     async def fetch_partitions(self, active_partitions: Optional[Set[TP]], timeout: float) -> Any:
         # faust passes its live set of active partitions, which pause/resume
@@ -148,12 +170,16 @@ class BatchingConsumer(ConsumerHooks):
         for tp in revoked:
             self._next_offset.pop(tp, None)
             self._rewound_to.pop(tp, None)
+            self._no_records_to.pop(tp, None)
+        if self.stall_watch is not None:
+            self.stall_watch.forget(revoked)
         await super().on_partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
         # Nothing is processed in the new generation before perform_seek().
         self._next_offset.clear()
         self._rewound_to.clear()
+        self._no_records_to.clear()
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def perform_seek(self) -> None:
@@ -193,6 +219,91 @@ class BatchingConsumer(ConsumerHooks):
             self._rewound_to.pop(tp, None)
         if tps:
             await self.seek_wait({tp: self._next_offset[tp] for tp in tps})
+        if self.stall_watch is not None:
+            self.stall_watch.progressed(tps)  # positioned: each stall clock starts now
+
+    async def check_fetch_stalls(self, ends: Mapping[TP, int]) -> list[StallReport]:
+        """Ask the watchdog about every positioned batch-topic partition, and act on its verdicts.
+
+        ``ends`` are end offsets the caller has just read from the broker (the
+        monitor's, for lag); the client's highwater from its last fetch
+        response counts too, the larger wins.  Nothing is checked while the flow
+        is stopped (a rebalance or table recovery) or for a partition faust has
+        paused on purpose.  A re-seek first resumes the partition in the client
+        if the client has it paused although faust does not (such a pause is
+        never undone otherwise), then seeks it to the next offset to process as
+        the rewind path does, which drops the client's fetch position and
+        buffered records for it.
+
+        On the embedded broker (``fetch_wait_ceiling_ms`` set) a re-seek also
+        doubles the client's fetch wait, up to the ceiling: Tansu answers a
+        fetch that takes longer than its wait with no records, and its fetches
+        take longer as a partition grows (docs/embedded-broker.md), so the
+        short wait the worker starts with (for latency) eventually stalls it.
+        A partition re-seeked with a longer wait starts its escalation afresh:
+        only a stall at the ceiling marks the worker unhealthy.
+
+        A stall that outlives its re-seek while the client has fetched through
+        to the end (:func:`~streams.kafka.stall.fetched_through`) is offsets
+        without records, e.g. a transaction marker at the end of the
+        partition: the partition counts as caught up to that end instead.
+        """
+        watch = self.stall_watch
+        if watch is None or not watch.limit_s or not self.flow_active or self.app.rebalancing \
+                or self.app.tables.recovery.in_recovery:
+            return []
+        reports = []
+        raised: tuple[int, int] | None = None
+        for tp in [tp for tp in self.assignment() if tp.topic in self.batch_topics]:
+            if self.is_paused(tp) or self.is_buffered(tp):
+                continue
+            expected = self._next_offset.get(tp)
+            end = max(ends.get(tp) or 0, self.highwater(tp) or 0)
+            stalled_s = watch.stalled_s(tp)
+            caught_up_to = expected if expected is None else max(expected, self._no_records_to.get(tp, expected))
+            verdict = watch.check(tp, caught_up_to, end)
+            if verdict is None or expected is None:
+                continue
+            try:
+                client = await self.in_client(lambda c, tp=tp: client_fetch_state(c, tp))
+            except Exception as exc:  # noqa: BLE001 - the diagnosis must not stop the watchdog
+                client = {"unreadable": repr(exc)}
+            if verdict == UNHEALTHY and fetched_through(client, end):
+                log.warning("%s: after a re-seek the client fetched offsets %d-%d and found no record in "
+                            "them (transaction markers or aborted records): not a stall, the partition is "
+                            "caught up (client %s)", tp, expected, end - 1, client)
+                self._no_records_to[tp] = end
+                watch.progressed([tp])
+                continue
+            detail = (f"{tp.topic}[{tp.partition}]: next offset {expected}, end offset {end}, committed "
+                      f"{self.committed_offsets.get(tp)}, client {client}, no record for {stalled_s:.0f} s "
+                      "of fetching")
+            if verdict == RESEEK:
+                log.warning("fetch stall on %s; re-seeking the partition to %d", detail, expected)
+                ceiling = self.fetch_wait_ceiling_ms
+                if ceiling is not None and raised is None:
+                    raised = await self.in_client(lambda c: raise_fetch_wait(c, ceiling))
+                    if raised is not None:
+                        log.warning("embedded broker: fetch wait raised from %d to %d ms (it answers a fetch "
+                                    "slower than that with no records; docs/embedded-broker.md)", *raised)
+                if raised is not None:
+                    watch.progressed([tp])  # a longer wait: its escalation starts afresh
+                try:
+                    await self._reseek(tp, expected, bool(client.get("paused")))
+                except Exception as exc:  # noqa: BLE001 - e.g. revoked meanwhile; the next check decides again
+                    log.warning("%s: re-seek after a fetch stall failed: %r", tp, exc)
+            else:
+                log.error("fetch stall on %s, and a re-seek did not end it: marking the worker unhealthy so "
+                          "that it is restarted (it resumes from the committed offsets)", detail)
+            reports.append(StallReport(tp, verdict, detail))
+        return reports
+
+    async def _reseek(self, tp: TP, offset: int, paused_in_client: bool) -> None:
+        """Resume ``tp`` in the client if it is paused there (not by faust), then seek it to ``offset``."""
+        if paused_in_client:
+            await self.in_client(lambda c: c.resume(TopicPartition(tp.topic, tp.partition)))
+        if self._next_offset.get(tp) == offset:  # not revoked or positioned anew meanwhile
+            await self.seek_wait({tp: offset})
 
     def _ack_batch(self, batch: Sequence[SourceRecord], pending: Message) -> None:
         """faust's per-record ``ack`` bookkeeping for a whole batch, once per partition.
@@ -255,6 +366,7 @@ class BatchingConsumer(ConsumerHooks):
         rewound_to = self._rewound_to
         inflight: asyncio.Future[None] | None = None
         behind = self.overlap_min_events
+        watch = self.stall_watch
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 batch: list[SourceRecord] = []
@@ -263,14 +375,19 @@ class BatchingConsumer(ConsumerHooks):
                 await self.sleep(0)
                 if self.should_stop:
                     break
+                fetch_started, flowing = time.perf_counter(), self.flow_active
                 fetched = await self._fetch(timeout=1.0)
                 fetched_at = time.perf_counter()
+                if watch is not None and flowing:
+                    watch.fetched(fetched_at - fetch_started)  # not the time waited for a suspended flow
+                progressed: list[TP] = []
                 generation_id = self.app.consumer_generation_id
                 for tp, records in fetched:
                     if not self._delivering(generation_id):
                         break  # a rebalance began: faust's getmany stops delivering here too
                     topic = tp.topic
                     if topic in batch_topics:
+                        handed = len(batch)
                         for record in records:
                             offset = record.offset
                             expected = next_offset.get(tp)
@@ -293,6 +410,8 @@ class BatchingConsumer(ConsumerHooks):
                                                       record.value, tuple(record.headers or ())))
                             last = (tp, record)
                             set_read_offset(tp, offset)
+                        if len(batch) > handed:
+                            progressed.append(tp)
                         continue
                     for record in records:
                         if not self._delivering(generation_id):
@@ -305,6 +424,8 @@ class BatchingConsumer(ConsumerHooks):
                             await self.add_gap(tp, r_offset + 1, offset)
                         await self.wait_first(callback(self.to_message(tp, record)), self.suspend_flow.wait())
                         set_read_offset(tp, offset)
+                if watch is not None and progressed:
+                    watch.progressed(progressed)
                 started: tuple[Awaitable[None], Message] | None = None
                 if last is not None:
                     # One pending message makes faust's rebalance and shutdown wait for the
@@ -354,12 +475,14 @@ def _use_consumer(app: faust.App, base: type[FetchWaitConsumer], fetch_max_wait_
 
 def install(app: faust.App, topics: Sequence[str], handler: BatchHandler, fetch_max_wait_ms: int,
             overlap_min_events: int, delivery_guard: DeliveryGuard, before_commit: Callable[[], Awaitable[bool]],
-            clock: StageClock, end_offset_probe: EndOffsetProbe | None = None) -> None:
+            clock: StageClock, stall_watch: FetchStallWatch[TP],
+            end_offset_probe: EndOffsetProbe | None = None, fetch_wait_ceiling_ms: int | None = None) -> None:
     """Make ``app`` consume ``topics`` through :class:`BatchingConsumer` with ``handler``."""
     _use_consumer(app, BatchingConsumer, fetch_max_wait_ms, batch_topics=frozenset(topics),
                   batch_handler=staticmethod(handler), overlap_min_events=overlap_min_events,
                   delivery_guard=delivery_guard, end_offset_probe=end_offset_probe,
-                  before_commit=staticmethod(before_commit), clock=clock)
+                  before_commit=staticmethod(before_commit), clock=clock, stall_watch=stall_watch,
+                  fetch_wait_ceiling_ms=fetch_wait_ceiling_ms)
 
 
 def install_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:

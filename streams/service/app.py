@@ -20,7 +20,8 @@ from faust.types import TP
 
 from models import ProfileModel
 
-from ..kafka.fetcher import install as install_batch_consumer
+from ..kafka.fetcher import BatchingConsumer, install as install_batch_consumer
+from ..kafka.stall import UNHEALTHY, FetchStallWatch
 from ..kafka.delivery import DeliveryGuard
 from ..kafka.end_offsets import EndOffsetProbe
 from ..kafka.client_config import aiokafka_options, ssl_context
@@ -57,13 +58,21 @@ class ProfileStreamApp:
 
 @dataclass
 class WorkerHealth:
-    """Set when batch processing hits an error it cannot handle (bad input never is one)."""
+    """Why the worker should be restarted, if it should: ``/healthz`` fails with the reason."""
 
+    #: Batch processing hit an error it cannot handle (bad input never is one); the worker stops itself.
     error: BaseException | None = None
+    #: An events partition stayed stalled through a re-seek (streams/kafka/stall.py): the process
+    #: lives on, so only its orchestrator, seeing liveness fail, restarts it.
+    stalled: str | None = None
 
-    @property
-    def alive(self) -> bool:
-        return self.error is None
+    def failure(self) -> str | None:
+        """The reason liveness fails, or None while the worker is alive."""
+        if self.error is not None:
+            return f"batch processing failed: {self.error!r}"
+        if self.stalled is not None:
+            return f"fetch stall: {self.stalled}"
+        return None
 
 
 def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -120,6 +129,9 @@ def faust_config(settings: Settings) -> dict[str, object]:
 
 #: The embedded broker holds a fetch for part of its max wait even when records are
 #: there (see streams.internals.FetchWaitConsumerThread), so a short wait is its latency.
+#: It answers a fetch slower than the wait with no records, and its fetches slow down as a
+#: partition grows: the fetch-stall watchdog raises the wait, up to PROFILESTREAM_FETCH_MAX_WAIT_MS,
+#: when that stalls a partition (docs/embedded-broker.md).
 EMBEDDED_FETCH_MAX_WAIT_MS = 10
 
 
@@ -202,16 +214,30 @@ def build_app(settings: Settings, model: ProfileModel, metrics: Metrics | None =
 
     probe = EndOffsetProbe(aiokafka_options(settings)) if settings.embedded_broker else None
     install_batch_consumer(app, [settings.events_topic], on_batch, fetch_max_wait_ms(settings),
-                           settings.overlap_min_events, guard, before_commit, processor.clock, probe)
+                           settings.overlap_min_events, guard, before_commit, processor.clock,
+                           FetchStallWatch(settings.fetch_stall_s), probe,
+                           settings.fetch_max_wait_ms if settings.embedded_broker else None)
     app.topics.add(events)  # subscribe; records arrive through on_batch, not an agent stream
 
-    register_views(app, metrics, lambda: health.alive)
+    register_views(app, metrics, health.failure)
     register_lookup(app, store, processor.states, model, settings, metrics)
     register_status(app, metrics, settings, table.name)
 
     @app.timer(settings.monitor_interval_s)
     async def monitor() -> None:
-        await sample(app, settings, metrics, processor, store)
+        ends = await sample(app, settings, metrics, processor, store)
+        consumer = app.consumer
+        if ends is None or not isinstance(consumer, BatchingConsumer):
+            return
+        try:
+            reports = await consumer.check_fetch_stalls(ends)
+        except Exception as exc:  # noqa: BLE001 - an error escaping a timer would stop the worker
+            log.warning("fetch-stall check failed: %r", exc)
+            return
+        for report in reports:
+            metrics.count_fetch_stall(report.verdict)
+            if report.verdict == UNHEALTHY and health.stalled is None:
+                health.stalled = report.detail
 
     if settings.state_ttl_days > 0:
         @app.timer(settings.state_ttl_sweep_s)

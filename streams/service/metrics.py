@@ -33,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 from models.events import EVENT_TYPES
 
 from ..internals import histogram_add, histogram_bounds
+from ..kafka.stall import VERDICTS
 from ..pipeline.stages import STAGES
 
 #: Reason codes of the validation and admission steps, created at zero so that
@@ -181,6 +182,11 @@ class Metrics:
             "profilestream_state_cache_dirty_users",
             "Cached users whose state is not yet in RocksDB and the changelog (written at the next commit).",
             registry=r)
+        self.fetch_stalls = Counter(
+            "profilestream_fetch_stalls",
+            "Events partitions the fetch-stall watchdog found stalled (records beyond the next offset, none "
+            "fetched for PROFILESTREAM_FETCH_STALL_S), by what it did: reseek, or unhealthy (/healthz fails).",
+            ["action"], registry=r)
         self.state_cache_lookups = Counter(
             "profilestream_state_cache_lookups",
             "User states looked up through the write-behind cache, by result (hit, miss: read from RocksDB).",
@@ -203,6 +209,8 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
         for result in CACHE_RESULTS:
             self.state_cache_lookups.labels(result=result)
+        for action in VERDICTS:
+            self.fetch_stalls.labels(action=action)
         #: What :meth:`sync_stages` and :meth:`set_state_cache` last saw of the processor's own
         #: cumulative figures: the counters advance by the difference.
         self._seen_stages: dict[str, float] = dict.fromkeys(STAGES, 0.0)
@@ -293,6 +301,10 @@ class Metrics:
             if delta > 0:
                 self.state_cache_lookups.labels(result=result).inc(delta)
                 self._seen_lookups[result] = total
+
+    def count_fetch_stall(self, action: str) -> None:
+        """The fetch-stall watchdog re-seeked a partition (``reseek``) or gave the worker up (``unhealthy``)."""
+        self.fetch_stalls.labels(action=action).inc()
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

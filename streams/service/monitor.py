@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Mapping
 
 import faust
+from faust.types import TP
 
 from .metrics import Metrics
 from ..pipeline.processor import BatchProcessor
@@ -28,7 +30,10 @@ log = logging.getLogger(__name__)
 
 
 async def sample(app: faust.App, settings: Settings, metrics: Metrics, processor: BatchProcessor,
-                 store: TableStateStore) -> None:
+                 store: TableStateStore) -> Mapping[TP, int] | None:
+    """Update the gauges; returns the assigned events partitions' end offsets it read (None: not
+    read, while unassigned, rebalancing or the broker does not answer), which the fetch-stall
+    watchdog then checks against, with no second round trip."""
     assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.events_topic]
     metrics.set_assignment((tp.topic, tp.partition) for tp in assigned)
     metrics.set_ready(is_ready(app))
@@ -41,14 +46,15 @@ async def sample(app: faust.App, settings: Settings, metrics: Metrics, processor
     cache = processor.states
     metrics.set_state_cache(users=len(cache), dirty=cache.dirty, hits=cache.hits, misses=cache.misses)
     if not assigned or app.rebalancing:
-        return
+        return None
     try:
         ends = await app.consumer.highwaters(*assigned)
     except Exception as exc:  # noqa: BLE001 - a stalled broker must not crash the worker through its monitor
         log.warning("lag not sampled: end offsets unavailable (%r)", exc)
-        return
+        return None
     now_ms = time.time() * 1000
     for tp in assigned:
         offset, ts_ms = processor.progress.get(tp.partition, (-1, now_ms))
         lag = max(0, int(ends.get(tp, 0)) - (offset + 1))
         metrics.set_lag(tp.topic, tp.partition, lag, (now_ms - ts_ms) / 1000.0 if lag else 0.0)
+    return ends

@@ -1,9 +1,10 @@
 """HTTP endpoints on the worker's faust web server (docs/http.md lists every route and its auth).
 
 * ``/metrics``  -- Prometheus exposition of :class:`~streams.service.metrics.Metrics`.
-* ``/healthz``  -- liveness: the event loop answers and batch processing has
-  not failed (a faust worker can stay up with its processing dead; the
-  orchestrator must restart such a worker).
+* ``/healthz``  -- liveness: the event loop answers, batch processing has
+  not failed and no events partition stayed stalled through a re-seek (a faust
+  worker can stay up with its processing dead; the orchestrator must restart
+  such a worker).  A failing answer names the reason.
 * ``/readyz``   -- readiness: joined the group, table recovery finished, not
   rebalancing.
 """
@@ -39,7 +40,8 @@ def is_ready(app: faust.App) -> bool:
     return bool(facts["recovered"] and not facts["rebalancing"])
 
 
-def register_views(app: faust.App, metrics: Metrics, alive: Callable[[], bool]) -> None:
+def register_views(app: faust.App, metrics: Metrics, failure: Callable[[], str | None]) -> None:
+    """Serve the routes above; ``failure`` is why the worker is no longer alive (None: it is)."""
     @app.page("/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
@@ -51,8 +53,10 @@ def register_views(app: faust.App, metrics: Metrics, alive: Callable[[], bool]) 
     @app.page("/healthz")
     class LivenessView(View):
         async def get(self, request: Request) -> Response:
-            ok = alive()
-            return _json(self, 200 if ok else 503, {"alive": ok})
+            reason = failure()
+            if reason is None:
+                return _json(self, 200, {"alive": True})
+            return _json(self, 503, {"alive": False, "reason": reason})
 
     @app.page("/readyz")
     class ReadinessView(View):

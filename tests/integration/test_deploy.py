@@ -120,8 +120,8 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
             (fires if check["exp_alerts"] else quiet).add(check["alertname"])
     alerts = {q.source.removeprefix("alert: ") for q in alert_queries()}
     assert alerts == {"WorkerDown", "NotReady", "ConsumerLagGrowing", "ConsumerLagSecondsHigh",
-                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag", "RecoveryStalled",
-                      "LookupErrorsHigh"}
+                      "DeadLetterRateHigh", "LatencyP99AboveSLO", "NoProgressWithLag", "FetchStalled",
+                      "RecoveryStalled", "LookupErrorsHigh"}
     assert fires == alerts
     assert quiet == alerts
 

@@ -8,6 +8,8 @@ through, not just that it passed.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import random
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from models import ProfileModel
 from models.events import Event
@@ -222,3 +225,110 @@ def test_burst_of_ten_times_the_rate_keeps_memory_bounded_and_drains(
     assert achieved > 5 * normal, "the producer could not make a burst; the test proves nothing"
     # Memory follows the batch size (PROFILESTREAM_BATCH_MAX), not the backlog.
     assert peak - baseline < 150, f"RSS grew by {peak - baseline:.0f} MiB"
+
+
+#: A short stall period, and lag sampled often enough to notice it (tests/stall_worker.py stalls the client).
+STALL_WATCH = {"PROFILESTREAM_FETCH_STALL_S": "2", "PROFILESTREAM_MONITOR_INTERVAL_S": "0.5"}
+
+
+def test_a_partition_the_client_stops_fetching_is_reseeked_and_read(
+        deployment: Deployment, model: ProfileModel) -> None:
+    """The client pauses every events partition behind faust's back (nothing logged, faust still
+    counts them active): the fetch-stall watchdog notices each partition with records waiting, logs
+    what the client had, resumes and re-seeks it, and every event is processed."""
+    events = synthetic(800, users=80, seed=27)
+    worker = deployment.worker(module="tests.stall_worker", **STALL_WATCH).start()
+    try:
+        deployment.produce(events)
+        finish(deployment, model, events, "client stopped fetching, re-seeked", [worker])
+        body = worker.http("/metrics")[1].decode()
+        with_events = {e.partition for e in deployment.read(deployment.settings.events_topic)}
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="reseek") == len(with_events)
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="unhealthy") == 0
+        warnings = worker.log_tail(20, matching=r"WARNING.*fetch stall on")
+        assert warnings.count("'paused': True") == len(with_events), warnings
+        assert worker.http("/healthz") == (200, b'{"alive": true}')
+    finally:
+        worker.stop()
+
+
+def test_a_stall_a_reseek_cannot_end_fails_liveness_and_a_restart_reads_on(
+        deployment: Deployment, model: ProfileModel) -> None:
+    """The client also ignores being resumed: after the re-seek and another period the worker is
+    marked unhealthy (/healthz 503 with the reason, ERROR logged), and a restarted worker, as an
+    orchestrator would start, resumes from the committed offsets and processes every event."""
+    events = synthetic(400, users=50, seed=28)
+    worker = deployment.worker(module="tests.stall_worker", PROFILESTREAM_TEST_STALL="stuck", **STALL_WATCH).start()
+    try:
+        deployment.produce(events)
+
+        def unhealthy() -> dict | None:
+            status, body = worker.http("/healthz")
+            return json.loads(body) if status == 503 else None
+        answer = wait_for(unhealthy, 60, what="/healthz to fail")
+        assert answer["alive"] is False and answer["reason"].startswith("fetch stall: "), answer
+        body = worker.http("/metrics")[1].decode()
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="unhealthy") >= 1
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="reseek") >= 1
+        assert "a re-seek did not end it: marking the worker unhealthy" in worker.log_tail(20, matching="ERROR")
+    finally:
+        assert worker.stop() == 0
+    worker = deployment.worker().start()  # same RocksDB directory, a client that fetches
+    try:
+        finish(deployment, model, events, "stall a re-seek could not end, restart", [worker])
+    finally:
+        worker.stop()
+
+
+def test_a_partition_too_big_for_the_embedded_fetch_wait_raises_it(
+        broker: EmbeddedBroker, tmp_path: Path, model: ProfileModel) -> None:
+    """Tansu answers a fetch that takes longer than its max wait with no records, and its fetches
+    slow down as a partition's record batches add up (docs/embedded-broker.md; the soak's stall):
+    at 600,000 records in batches of ~10, as a steady trickle of events makes them, a fetch takes
+    ~40 ms, so the worker's 10 ms wait gets nothing, ever.  The watchdog re-seeks and doubles the
+    wait until records come, and the events are processed."""
+    deployment = Deployment(broker.bootstrap_servers, tmp_path, partitions=1)
+    deployment.create_topics()
+    topic, filler = deployment.settings.events_topic, 600_000
+    fill_in_small_batches(deployment.bootstrap, topic, filler)
+    commit_group_offset(deployment, {0: filler})  # the worker starts past the filler, at the end
+    events = synthetic(300, users=40, seed=29)
+    worker = deployment.worker(**STALL_WATCH).start()
+    try:
+        deployment.produce(events)
+        finish(deployment, model, events, "partition too big for a 10 ms fetch wait", [worker])
+        raised = worker.log_tail(10, matching="fetch wait raised")
+        assert "fetch wait raised from 10 to 20 ms" in raised, worker.log_tail(40, matching="WARNING|ERROR")
+        body = worker.http("/metrics")[1].decode()
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="reseek") >= 1
+        assert metric_sum(body, "profilestream_fetch_stalls_total", action="unhealthy") == 0
+    finally:
+        worker.stop()
+
+
+def fill_in_small_batches(bootstrap: str, topic: str, n: int) -> None:
+    """``n`` records of the demo's event size in batches of ~10 (2 KB), as the demo's traffic makes them."""
+    async def go() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=2048)
+        await producer.start()
+        try:
+            await asyncio.gather(*[await producer.send(topic, b"x" * 170) for _ in range(n)])
+        finally:
+            await producer.stop()
+    asyncio.run(go())
+
+
+def commit_group_offset(deployment: Deployment, offsets: dict[int, int]) -> None:
+    """Commit ``offsets`` (partition -> offset) of the events topic for the deployment's consumer group."""
+    async def go() -> None:
+        topic = deployment.settings.events_topic
+        consumer = AIOKafkaConsumer(bootstrap_servers=deployment.bootstrap, group_id=deployment.settings.app_id,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = {TopicPartition(topic, p): offset for p, offset in offsets.items()}
+            consumer.assign(list(tps))
+            await consumer.commit(tps)
+        finally:
+            await consumer.stop()
+    asyncio.run(go())

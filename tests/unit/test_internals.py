@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import aiokafka
+from aiokafka.client import AIOKafkaClient
+from aiokafka.consumer.fetcher import Fetcher
+from aiokafka.consumer.subscription_state import SubscriptionState
 import faust
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
@@ -38,8 +41,15 @@ def instances(tmp_path: Path) -> dict[str, Any]:
     async def kafka_consumer() -> aiokafka.AIOKafkaConsumer:
         return aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1")
 
+    async def fetcher() -> Fetcher:
+        # What AIOKafkaConsumer.start() builds; its background task is stopped again at once.
+        built = Fetcher(AIOKafkaClient(bootstrap_servers="127.0.0.1:1"), SubscriptionState())
+        await built.close()
+        return built
+
     return {
         "aiokafka.AIOKafkaConsumer": asyncio.run(kafka_consumer()),
+        "aiokafka.consumer.fetcher.Fetcher": asyncio.run(fetcher()),
         "faust.transport.drivers.aiokafka.Consumer": consumer,
         "mode.Service": consumer,
         "faust.sensors.monitor.Monitor": app.monitor,
